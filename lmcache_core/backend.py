@@ -1,0 +1,165 @@
+"""The storage-backend contract. Small and batch-first: every call takes many chunks.
+
+Keys in a batch are in prefix order (chunk 0 of a prompt first). Backends never raise on a
+missing or unreadable entry: they report a miss. The tier stack catches anything else a backend
+raises and turns it into a miss too, so a broken tier degrades to recompute.
+
+Two base classes:
+
+- :class:`StorageBackend` for tiers that hold tensors in process memory (``cpu``).
+- :class:`SerializingBackend` for tiers that hold bytes (disk, redis, object stores). Subclasses
+  implement four blob operations; framing, verification and the corrupt-entry counters live here,
+  so an object written by one backend or instance is verified the same way by every other.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from abc import ABC, abstractmethod
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from lmcache_core.errors import CorruptEntryError
+from lmcache_core.keys import ChunkKey
+from lmcache_core.serde import decode_chunk, encode_chunk
+
+log = logging.getLogger(__name__)
+
+Blob = bytes | bytearray | memoryview
+
+
+class BackendSettings(BaseModel):
+    """Settings every backend has; plugins subclass this for their own fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    codec: str | None = None
+    """Payload codec for this tier (serializing tiers only); defaults to ``LMCACHE_CODEC``."""
+    required: bool = False
+    """Fail start-up when this tier cannot be reached, instead of running without it."""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One chunk to store: its key, its KV tensor [layers, 2, tokens, kv_heads, head_dim] and its
+    position in the prompt (0 for the first chunk), which prefix-aware eviction uses."""
+
+    key: ChunkKey
+    kv: torch.Tensor
+    index: int = 0
+
+
+@dataclass(frozen=True)
+class BackendContext:
+    """What the core hands every backend besides its own settings."""
+
+    tier_name: str
+    default_codec: str
+
+
+class StorageBackend(ABC):
+    def __init__(self, settings: BackendSettings, context: BackendContext) -> None:
+        self.settings = settings
+        self.context = context
+        self.name = context.tier_name
+        self.counters: Counter[str] = Counter()
+        self._counter_lock = threading.Lock()
+
+    def count(self, name: str, amount: int = 1) -> None:
+        with self._counter_lock:
+            self.counters[name] += amount
+
+    @abstractmethod
+    def contains(self, keys: Sequence[ChunkKey]) -> int:
+        """How many of ``keys``, from the first, are stored (the longest stored prefix)."""
+
+    @abstractmethod
+    def get_many(self, keys: Sequence[ChunkKey]) -> list[torch.Tensor | None]:
+        """The stored KV for each key, ``None`` for a miss. Returned tensors are read-only."""
+
+    @abstractmethod
+    def put_many(self, chunks: Sequence[Chunk]) -> None:
+        """Store ``chunks``; a chunk that does not fit may be dropped (and counted)."""
+
+    @abstractmethod
+    def delete(self, keys: Sequence[ChunkKey]) -> int:
+        """Remove ``keys``; returns how many were stored."""
+
+    def iter_keys(self) -> Iterator[str]:
+        """Every stored key as a string (for ``lmcache-core ls``)."""
+        raise NotImplementedError(f"backend {self.name!r} cannot list its keys")
+
+    def clear(self) -> int:
+        """Remove every entry this backend can list; returns how many."""
+        names = list(self.iter_keys())
+        return self.delete([ChunkKey.parse(name) for name in names])
+
+    def check_health(self) -> None:
+        """Raise if the storage cannot be reached. Called once at start-up."""
+
+    def stats(self) -> dict[str, float]:
+        return dict(self.counters)
+
+    def close(self) -> None:
+        """Release connections and threads."""
+
+
+class SerializingBackend(StorageBackend):
+    """Base for tiers that store framed bytes. Implement the four ``_*_blobs`` methods."""
+
+    @property
+    def codec(self) -> str:
+        return self.settings.codec or self.context.default_codec
+
+    @abstractmethod
+    def _exists_blobs(self, names: Sequence[str]) -> list[bool]:
+        """Whether each name is stored. One round trip for the batch where the storage allows."""
+
+    @abstractmethod
+    def _read_blobs(self, names: Sequence[str]) -> list[Blob | None]:
+        """The bytes of each name, ``None`` where missing. Prefer writable ``bytearray``s: they
+        decode without a copy."""
+
+    @abstractmethod
+    def _write_blobs(self, items: Sequence[tuple[str, list[memoryview]]]) -> None:
+        """Store each name's buffers, concatenated, atomically (a reader never sees half an object)."""
+
+    @abstractmethod
+    def _delete_blobs(self, names: Sequence[str]) -> int:
+        """Remove names; returns how many existed."""
+
+    def contains(self, keys: Sequence[ChunkKey]) -> int:
+        found = self._exists_blobs([str(key) for key in keys])
+        return next((i for i, hit in enumerate(found) if not hit), len(found))
+
+    def get_many(self, keys: Sequence[ChunkKey]) -> list[torch.Tensor | None]:
+        blobs = self._read_blobs([str(key) for key in keys])
+        results: list[torch.Tensor | None] = []
+        for key, blob in zip(keys, blobs, strict=True):
+            if blob is None:
+                results.append(None)
+                continue
+            try:
+                results.append(decode_chunk(blob, key).tensor)
+                self.count("read_bytes", len(blob))
+            except CorruptEntryError as error:
+                self.count("corrupt_entries")
+                log.warning("tier %s: entry %s is unusable (%s); treating it as a miss", self.name, key, error)
+                results.append(None)
+        return results
+
+    def put_many(self, chunks: Sequence[Chunk]) -> None:
+        items = [
+            (str(chunk.key), encode_chunk(chunk.key, chunk.kv, codec=self.codec, chunk_index=chunk.index))
+            for chunk in chunks
+        ]
+        self._write_blobs(items)
+        self.count("written_bytes", sum(part.nbytes for _, parts in items for part in parts))
+
+    def delete(self, keys: Sequence[ChunkKey]) -> int:
+        return self._delete_blobs([str(key) for key in keys])

@@ -1,0 +1,114 @@
+"""Payload codecs: how a chunk tensor becomes bytes and back.
+
+Codecs are registered by name through the ``lmcache_register_codecs`` hook, like backends. The
+two built-in ones live here and are registered by this module's hook implementation, loaded
+through the same entry-point group as every other plugin.
+
+- ``raw``: the tensor's bytes, zero-copy both ways.
+- ``fp8``: float8 e4m3 with one float32 scale per (layer, K/V, head); halves bf16/fp16 payloads
+  and quarters fp32 ones. Lossy: error is bounded by e4m3's 3-bit mantissa (~6% relative).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from lmcache_core.hookspecs import hookimpl
+
+
+@runtime_checkable
+class Codec(Protocol):
+    name: str
+
+    def encode(self, tensor: torch.Tensor) -> list[memoryview]:
+        """Turn a contiguous CPU tensor into payload buffers (may share its memory)."""
+
+    def decode(self, payload: memoryview, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        """Rebuild a tensor of ``dtype`` and ``shape``; raise ``ValueError`` if the payload does not fit."""
+
+
+def _tensor_view(payload: memoryview, dtype: torch.dtype, count: int) -> torch.Tensor:
+    if payload.readonly:  # torch.frombuffer needs a writable buffer; copy once
+        payload = memoryview(bytearray(payload))
+    if count == 0:
+        return torch.empty(0, dtype=dtype)
+    return torch.frombuffer(payload, dtype=dtype, count=count)
+
+
+def _bytes_view(tensor: torch.Tensor) -> memoryview:
+    return memoryview(tensor.view(torch.uint8).numpy()).cast("B") if tensor.numel() else memoryview(b"")
+
+
+class RawCodec:
+    name = "raw"
+
+    def encode(self, tensor: torch.Tensor) -> list[memoryview]:
+        return [_bytes_view(tensor.reshape(-1))]
+
+    def decode(self, payload: memoryview, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        count = math.prod(shape)
+        if payload.nbytes != count * dtype.itemsize:
+            raise ValueError(f"raw payload is {payload.nbytes} bytes, expected {count * dtype.itemsize}")
+        return _tensor_view(payload, dtype, count).view(shape)
+
+
+class Fp8Codec:
+    """e4m3 with per-(layer, K/V, head) scales. Expects the chunk layout [L, 2, T, H, D]."""
+
+    name = "fp8"
+    _MAX = 448.0  # largest finite float8_e4m3fn
+
+    def encode(self, tensor: torch.Tensor) -> list[memoryview]:
+        if tensor.dim() != 5:
+            raise ValueError("fp8 codec expects a [layers, 2, tokens, kv_heads, head_dim] tensor")
+        x = tensor.float()
+        amax = x.abs().amax(dim=(2, 4)).clamp_min(1e-12)  # [L, 2, H]
+        scales = (amax / self._MAX).contiguous()
+        quantized = (x / scales[:, :, None, :, None]).to(torch.float8_e4m3fn).contiguous()
+        return [_bytes_view(scales.reshape(-1)), _bytes_view(quantized.reshape(-1))]
+
+    def decode(self, payload: memoryview, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        if len(shape) != 5:
+            raise ValueError("fp8 payload needs a 5-dimensional shape")
+        layers, two, _tokens, heads, _head_dim = shape
+        num_scales = layers * two * heads
+        count = math.prod(shape)
+        if payload.nbytes != num_scales * 4 + count:
+            raise ValueError(f"fp8 payload is {payload.nbytes} bytes, expected {num_scales * 4 + count}")
+        scales = _tensor_view(payload[: num_scales * 4], torch.float32, num_scales).view(layers, two, heads)
+        quantized = _tensor_view(payload[num_scales * 4 :], torch.float8_e4m3fn, count).view(shape)
+        return (quantized.float() * scales[:, :, None, :, None]).to(dtype)
+
+
+_CODECS: dict[str, Codec] = {}
+
+
+def register_codec(codec: Codec) -> None:
+    """Make ``codec`` available by ``codec.name`` to encoders and decoders in this process."""
+    if not isinstance(codec, Codec):
+        raise TypeError(f"{codec!r} does not implement the Codec protocol (name, encode, decode)")
+    _CODECS[codec.name] = codec
+
+
+def get_codec(name: str) -> Codec:
+    if not _CODECS:  # the plugin manager has not run yet: serve the built-ins
+        for codec in (RawCodec(), Fp8Codec()):
+            register_codec(codec)
+    try:
+        return _CODECS[name]
+    except KeyError:
+        raise KeyError(f"unknown codec {name!r}; available: {', '.join(sorted(_CODECS))}") from None
+
+
+def available_codecs() -> list[str]:
+    get_codec("raw")
+    return sorted(_CODECS)
+
+
+@hookimpl
+def lmcache_register_codecs(register) -> None:  # type: ignore[no-untyped-def]
+    register(RawCodec())
+    register(Fp8Codec())

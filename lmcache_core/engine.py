@@ -1,0 +1,177 @@
+"""The cache engine: store, look up and retrieve KV for token sequences.
+
+This is the API for code that is not vLLM (and what the vLLM connector builds on). KV tensors use
+the chunk layout ``[layers, 2 (K, V), tokens, kv_heads, head_dim]`` on any device; chunks are
+stored on the CPU.
+
+    engine = CacheEngine.from_env(model_name="my-model", layout=KVLayout(32, 8, 128, "bfloat16"))
+    engine.store(tokens, kv)            # kv covers tokens[:kv.shape[2]]
+    hit = engine.lookup(tokens)         # number of leading tokens cached
+    kv_prefix = engine.retrieve(tokens) # KV for those tokens, or None
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from lmcache_core.backend import BackendContext, Chunk, StorageBackend
+from lmcache_core.errors import BackendUnavailableError
+from lmcache_core.keys import CacheScope, ChunkHasher, ChunkKey, KVLayout
+from lmcache_core.plugins import load_registry
+from lmcache_core.registry import Registry
+from lmcache_core.settings import Settings, load_settings, redact
+from lmcache_core.storage import TierStack
+
+log = logging.getLogger(__name__)
+
+
+def build_backends(settings: Settings, registry: Registry) -> list[StorageBackend]:
+    """Instantiate the configured tiers, fastest first.
+
+    An unreachable tier is kept (the stack skips it until it answers) unless its settings say
+    ``required``, in which case start-up fails with the tier's URL, secrets redacted.
+    """
+    backends: list[StorageBackend] = []
+    for name in settings.tiers:
+        backend_class = registry.backend_class(name)
+        backend_settings = settings.backend(name)
+        backend = backend_class(backend_settings, BackendContext(tier_name=name, default_codec=settings.codec))
+        try:
+            backend.check_health()
+        except Exception as error:
+            where = redact(backend_settings.model_dump())
+            if backend_settings.required:
+                backend.close()
+                for started in backends:
+                    started.close()
+                raise BackendUnavailableError(f"required tier {name} ({where}) is unreachable: {error}") from error
+            log.warning("tier %s (%s) is unreachable at start (%s); running without it until it answers",
+                        name, where, error)
+        backends.append(backend)
+    return backends
+
+
+class CacheEngine:
+    def __init__(self, settings: Settings, registry: Registry, scope: CacheScope) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.scope = scope
+        self.hasher = ChunkHasher(
+            scope,
+            chunk_size=settings.chunk_size,
+            algorithm=settings.hash_algorithm,
+            secret=settings.key_secret.get_secret_value().encode() if settings.key_secret else None,
+        )
+        self.stack = TierStack(build_backends(settings, registry), write_queue_size=settings.write_queue_size)
+
+    @classmethod
+    def from_env(
+        cls,
+        *,
+        model_name: str,
+        layout: KVLayout,
+        model_digest: str = "unknown",
+        tp_rank: int = 0,
+        tp_world_size: int = 1,
+        environ: Mapping[str, str] | None = None,
+        **overrides: object,
+    ) -> CacheEngine:
+        """Build an engine from ``LMCACHE_*`` settings (``overrides`` win over the environment)."""
+        registry = load_registry(environ)
+        settings = load_settings(registry, environ, **overrides)
+        scope = CacheScope(settings.namespace, model_name, model_digest, layout, tp_rank, tp_world_size)
+        return cls(settings, registry, scope)
+
+    @property
+    def chunk_size(self) -> int:
+        return self.settings.chunk_size
+
+    def keys(self, tokens: Sequence[int] | np.ndarray | torch.Tensor) -> list[ChunkKey]:
+        if isinstance(tokens, torch.Tensor):
+            tokens = tokens.cpu().numpy()
+        return self.hasher.keys(tokens, include_partial=self.settings.save_unfull_chunk)
+
+    def _tokens_in(self, keys: Sequence[ChunkKey], num_chunks: int, num_tokens: int) -> int:
+        return min(num_chunks * self.chunk_size, num_tokens)
+
+    def store(self, tokens: Sequence[int] | np.ndarray | torch.Tensor, kv: torch.Tensor) -> int:
+        """Store the chunks of ``kv`` (covering ``tokens[:kv.shape[2]]``) not stored yet.
+
+        Returns the number of tokens newly written.
+        """
+        self._check_layout(kv)
+        num_tokens = kv.shape[2]
+        keys = self.keys(tokens[:num_tokens])
+        bounds = self.hasher.chunk_bounds(num_tokens, include_partial=self.settings.save_unfull_chunk)
+        already = self.stack.contains(keys)
+        chunks = [
+            Chunk(keys[i], kv[:, :, start:end].to("cpu", copy=True), i)
+            for i, (start, end) in enumerate(bounds)
+            if i >= already
+        ]
+        self.stack.put_many(chunks)
+        return sum(chunk.kv.shape[2] for chunk in chunks)
+
+    def lookup(self, tokens: Sequence[int] | np.ndarray | torch.Tensor) -> int:
+        """How many leading tokens of ``tokens`` have KV stored in some tier."""
+        keys = self.keys(tokens)
+        found = self.stack.contains(keys)
+        return self._tokens_in(keys, found, len(tokens))
+
+    def retrieve(
+        self, tokens: Sequence[int] | np.ndarray | torch.Tensor, device: str | torch.device = "cpu"
+    ) -> torch.Tensor | None:
+        """KV ``[layers, 2, hit_tokens, kv_heads, head_dim]`` of the longest cached prefix, or None.
+
+        A chunk that vanished or turned out corrupt since :meth:`lookup` shortens the hit; it
+        never yields wrong data.
+        """
+        chunks = self.retrieve_chunks(self.keys(tokens))
+        if not chunks:
+            return None
+        return torch.cat(chunks, dim=2).to(device)
+
+    def retrieve_chunks(self, keys: Sequence[ChunkKey]) -> list[torch.Tensor]:
+        """KV of the longest retrievable prefix of ``keys``, one tensor per chunk, shapes checked."""
+        chunks = self.stack.get_prefix(keys)
+        layout = self.scope.layout
+        valid: list[torch.Tensor] = []
+        for chunk in chunks:
+            tokens = chunk.shape[2] if chunk.dim() == 5 else -1
+            if tuple(chunk.shape) != layout.chunk_shape(tokens) or str(chunk.dtype) != f"torch.{layout.dtype}":
+                log.warning("chunk with shape %s / %s does not match %s; treating it as a miss",
+                            tuple(chunk.shape), chunk.dtype, layout)
+                break
+            valid.append(chunk)
+        return valid
+
+    def _check_layout(self, kv: torch.Tensor) -> None:
+        layout = self.scope.layout
+        if kv.dim() != 5 or tuple(kv.shape) != layout.chunk_shape(kv.shape[2]):
+            raise ValueError(
+                f"kv must be [layers, 2, tokens, kv_heads, head_dim] = {layout.chunk_shape(-1)}, "
+                f"got {tuple(kv.shape)}"
+            )
+        if str(kv.dtype) != f"torch.{layout.dtype}":
+            raise ValueError(f"kv dtype {kv.dtype} does not match the layout's {layout.dtype}")
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait for background writes to lower tiers (tests, shutdown)."""
+        return self.stack.flush(timeout)
+
+    def stats(self) -> dict[str, dict[str, float]]:
+        return self.stack.stats()
+
+    def close(self) -> None:
+        self.stack.flush(timeout=10)
+        self.stack.close()
+
+    def __enter__(self) -> CacheEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

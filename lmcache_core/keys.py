@@ -1,0 +1,174 @@
+"""Chunk keys: chained digests over token chunks, scoped by tenant, model and KV layout.
+
+A prompt's token ids are split into chunks of ``chunk_size`` tokens. Chunk ``i``'s digest is
+``H(digest[i-1] || tokens[i] as little-endian uint32)``, seeded with a digest of the
+:class:`CacheScope`. So one digest identifies a whole prefix *and* the model, layout, rank and
+namespace it was computed for: two tenants or two models can never address each other's KV.
+
+The digests are deterministic across processes, machines and restarts (no Python ``hash()``).
+``blake3`` (default) is collision-resistant and can be keyed with a namespace secret; ``xxh3_128``
+is faster and fine for a single trusted tenant; ``sha256`` needs nothing beyond the stdlib.
+Hashing runs once per chunk over the chunk's packed bytes, never once per token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import blake3
+import numpy as np
+import xxhash
+
+KEY_SCHEMA_VERSION = 1
+HashAlgorithm = Literal["blake3", "sha256", "xxh3_128"]
+HASH_ALGORITHMS: tuple[str, ...] = ("blake3", "sha256", "xxh3_128")
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def _slug(text: str) -> str:
+    """Make ``text`` safe inside file names, object keys and redis keys."""
+    return _UNSAFE.sub("-", text).strip("-") or "none"
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Shape of the KV that a chunk holds: enough to refuse a chunk computed for another model."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str  # torch dtype name without the "torch." prefix, e.g. "bfloat16"
+
+    def chunk_shape(self, num_tokens: int) -> tuple[int, int, int, int, int]:
+        """The chunk tensor layout: [layers, 2 (K and V), tokens, kv_heads, head_dim]."""
+        return (self.num_layers, 2, num_tokens, self.num_kv_heads, self.head_dim)
+
+    @property
+    def tag(self) -> str:
+        return f"{self.dtype}-l{self.num_layers}h{self.num_kv_heads}d{self.head_dim}"
+
+
+@dataclass(frozen=True)
+class CacheScope:
+    """Everything besides the tokens that a KV chunk depends on.
+
+    ``model_name`` is a stable name (e.g. the served model name), not a local path;
+    ``model_digest`` is a digest of the model's config so two different checkpoints
+    published under one name do not share KV.
+    """
+
+    namespace: str
+    model_name: str
+    model_digest: str
+    layout: KVLayout
+    tp_rank: int = 0
+    tp_world_size: int = 1
+
+    @property
+    def prefix(self) -> str:
+        """Human-readable key prefix, safe in paths and object keys."""
+        return (
+            f"v{KEY_SCHEMA_VERSION}:{_slug(self.namespace)}:{_slug(self.model_name)}@{self.model_digest[:12]}"
+            f":{self.layout.tag}:r{self.tp_rank}of{self.tp_world_size}"
+        )
+
+
+def config_digest(config: dict | str | bytes) -> str:
+    """A short, stable digest of a model config (sorted JSON for dicts)."""
+    import json
+
+    if isinstance(config, dict):
+        data = json.dumps(config, sort_keys=True, default=str).encode()
+    elif isinstance(config, str):
+        data = config.encode()
+    else:
+        data = config
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+@dataclass(frozen=True, order=True)
+class ChunkKey:
+    """The storage key of one chunk. ``str(key)`` is what backends store it under."""
+
+    prefix: str
+    digest: bytes
+
+    def __str__(self) -> str:
+        return f"{self.prefix}:{self.digest.hex()}"
+
+    @classmethod
+    def parse(cls, text: str) -> ChunkKey:
+        """Inverse of ``str(key)``; raises ``ValueError`` on anything else."""
+        prefix, sep, hex_digest = text.rpartition(":")
+        if not sep or not prefix.startswith("v"):
+            raise ValueError(f"not a chunk key: {text!r}")
+        return cls(prefix, bytes.fromhex(hex_digest))
+
+
+def _digest_function(algorithm: str, secret: bytes | None) -> Callable[[bytes], bytes]:
+    if algorithm == "blake3":
+        key = blake3.blake3(secret).digest() if secret else None
+        if key:
+            return lambda data: blake3.blake3(data, key=key).digest(length=16)
+        return lambda data: blake3.blake3(data).digest(length=16)
+    if algorithm == "sha256":
+        if secret:
+            return lambda data: hmac.digest(secret, data, "sha256")[:16]
+        return lambda data: hashlib.sha256(data).digest()[:16]
+    if algorithm == "xxh3_128":
+        seed = int.from_bytes(hashlib.sha256(secret).digest()[:8], "little") if secret else 0
+        return lambda data: xxhash.xxh3_128_digest(data, seed=seed)
+    raise ValueError(f"unknown hash algorithm {algorithm!r}; choose one of {', '.join(HASH_ALGORITHMS)}")
+
+
+class ChunkHasher:
+    """Turns token ids into chained chunk keys for one :class:`CacheScope`."""
+
+    def __init__(
+        self,
+        scope: CacheScope,
+        chunk_size: int = 256,
+        algorithm: str = "blake3",
+        secret: bytes | None = None,
+    ) -> None:
+        if chunk_size <= 0:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        self.scope = scope
+        self.chunk_size = chunk_size
+        self.algorithm = algorithm
+        self._digest = _digest_function(algorithm, secret)
+        self._prefix = scope.prefix
+        self._seed = self._digest(self._prefix.encode())
+
+    def num_full_chunks(self, num_tokens: int) -> int:
+        return num_tokens // self.chunk_size
+
+    def keys(self, tokens: Sequence[int] | np.ndarray, include_partial: bool = False) -> list[ChunkKey]:
+        """Keys of the chunks of ``tokens``, in prefix order.
+
+        The trailing partial chunk gets a key only with ``include_partial``; its digest
+        covers fewer bytes, so it never collides with the full chunk that later extends it.
+        """
+        packed = np.ascontiguousarray(tokens, dtype=np.uint32)
+        if packed.dtype.byteorder == ">":  # pragma: no cover - big-endian hosts
+            packed = packed.byteswap()
+        data = memoryview(packed.tobytes())
+        step = self.chunk_size * 4
+        end = len(data) if include_partial else (len(data) // step) * step
+        keys: list[ChunkKey] = []
+        previous = self._seed
+        for start in range(0, end, step):
+            previous = self._digest(previous + data[start : start + step])
+            keys.append(ChunkKey(self._prefix, previous))
+        return keys
+
+    def chunk_bounds(self, num_tokens: int, include_partial: bool = False) -> list[tuple[int, int]]:
+        """[start, end) token offsets matching :meth:`keys`."""
+        end = num_tokens if include_partial else (num_tokens // self.chunk_size) * self.chunk_size
+        return [(s, min(s + self.chunk_size, end)) for s in range(0, end, self.chunk_size)]

@@ -1,0 +1,51 @@
+"""A CPU buffer pool bounded in bytes, shared by the tiers and the engine.
+
+Buffers are pinned (page-locked) when CUDA is present so device copies can run asynchronously.
+Accounting follows the real lifetime of the memory: a buffer returns its bytes to the budget when
+the last reference to its tensor is dropped, not when a tier evicts it. A chunk being copied into
+a KV cache therefore keeps its memory (and its bytes in the budget) until the copy is done:
+eviction can never free memory that is in use.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import weakref
+
+import torch
+
+
+class MemoryPool:
+    def __init__(self, capacity_bytes: int, pin: bool | None = None) -> None:
+        self.capacity = int(capacity_bytes)
+        self.pin = torch.cuda.is_available() if pin is None else pin
+        self._used = 0
+        self._lock = threading.Lock()
+
+    @property
+    def used(self) -> int:
+        return self._used
+
+    @property
+    def free(self) -> int:
+        return self.capacity - self._used
+
+    def allocate(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+        """A new uninitialised tensor, or ``None`` when it does not fit in the remaining budget."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        with self._lock:
+            if self._used + nbytes > self.capacity:
+                return None
+            self._used += nbytes
+        try:
+            tensor = torch.empty(shape, dtype=dtype, pin_memory=self.pin)
+        except Exception:
+            self._release(nbytes)
+            raise
+        weakref.finalize(tensor, self._release, nbytes)
+        return tensor
+
+    def _release(self, nbytes: int) -> None:
+        with self._lock:
+            self._used -= nbytes

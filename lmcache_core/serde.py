@@ -1,0 +1,190 @@
+"""Framed, self-describing chunk objects: a fixed binary header followed by the codec's payload.
+
+Every object that leaves process memory (disk files, redis values, S3 objects) uses this format,
+so any instance can verify what another one wrote. Decoding checks, in order: magic, format
+version, header checksum, codec, dtype, shape, the digest of the key the reader asked for, the
+payload length and the payload checksum. Any mismatch raises :class:`CorruptEntryError`, which the
+engine turns into a cache miss. Nothing here ever unpickles.
+
+Header layout (little-endian, 128 bytes)::
+
+    magic 4s | version H | header_size H | codec 8s | dtype B | ndim B | reserved H
+    shape 6I | num_tokens I | chunk_index I | key_digest 16s | payload_len Q | payload_xxh3 Q
+    header_crc32 I | zero padding
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from hashlib import blake2b
+
+import torch
+import xxhash
+
+from lmcache_core.codecs import Codec, get_codec
+from lmcache_core.errors import CorruptEntryError
+from lmcache_core.keys import ChunkKey
+
+MAGIC = b"LMC1"
+FORMAT_VERSION = 1
+HEADER_SIZE = 128
+MAX_DIMS = 6
+_FIELDS = struct.Struct("<4sHH8sBBH6III16sQQ")
+_CRC = struct.Struct("<I")
+
+DTYPE_CODES: dict[torch.dtype, int] = {
+    torch.float32: 1,
+    torch.float16: 2,
+    torch.bfloat16: 3,
+    torch.float8_e4m3fn: 4,
+    torch.float8_e5m2: 5,
+    torch.uint8: 6,
+    torch.int8: 7,
+    torch.float64: 8,
+}
+_DTYPES_BY_CODE = {code: dtype for dtype, code in DTYPE_CODES.items()}
+
+
+def key_digest(key: ChunkKey | str) -> bytes:
+    """16-byte digest of the full key string, stored in the header to catch foreign objects."""
+    return blake2b(str(key).encode(), digest_size=16).digest()
+
+
+@dataclass(frozen=True)
+class ChunkHeader:
+    codec: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    num_tokens: int
+    chunk_index: int
+    key_digest: bytes
+    payload_len: int
+    payload_checksum: int
+
+    @property
+    def total_size(self) -> int:
+        return HEADER_SIZE + self.payload_len
+
+
+@dataclass(frozen=True)
+class DecodedChunk:
+    tensor: torch.Tensor
+    header: ChunkHeader
+
+
+def encode_chunk(
+    key: ChunkKey,
+    tensor: torch.Tensor,
+    *,
+    codec: str | Codec = "raw",
+    num_tokens: int | None = None,
+    chunk_index: int = 0,
+) -> list[memoryview]:
+    """Encode ``tensor`` for ``key``: returns [header, payload...] buffers, ready for a vectored write.
+
+    The payload buffers may share memory with ``tensor``; do not modify it until they are written.
+    """
+    if tensor.dtype not in DTYPE_CODES:
+        raise ValueError(f"cannot store dtype {tensor.dtype}; supported: {sorted(map(str, DTYPE_CODES))}")
+    if tensor.dim() > MAX_DIMS:
+        raise ValueError(f"cannot store a tensor with more than {MAX_DIMS} dimensions")
+    codec_impl = get_codec(codec) if isinstance(codec, str) else codec
+    payload = codec_impl.encode(tensor.detach().cpu().contiguous())
+    checksum = xxhash.xxh3_64()
+    payload_len = 0
+    for part in payload:
+        checksum.update(part)
+        payload_len += part.nbytes
+    shape = tuple(tensor.shape)
+    tokens = num_tokens if num_tokens is not None else (shape[2] if len(shape) > 2 else 0)
+    fields = _FIELDS.pack(
+        MAGIC,
+        FORMAT_VERSION,
+        HEADER_SIZE,
+        codec_impl.name.encode().ljust(8, b"\0"),
+        DTYPE_CODES[tensor.dtype],
+        len(shape),
+        0,
+        *(shape + (0,) * (MAX_DIMS - len(shape))),
+        tokens,
+        chunk_index,
+        key_digest(key),
+        payload_len,
+        checksum.intdigest(),
+    )
+    header = bytearray(HEADER_SIZE)
+    header[: len(fields)] = fields
+    header[len(fields) : len(fields) + _CRC.size] = _CRC.pack(zlib.crc32(fields))
+    return [memoryview(header), *payload]
+
+
+def encode_to_bytes(key: ChunkKey, tensor: torch.Tensor, **kwargs: object) -> bytes:
+    """Encode into one contiguous ``bytes`` object (for clients that need a single value)."""
+    return b"".join(encode_chunk(key, tensor, **kwargs))  # type: ignore[arg-type]
+
+
+def read_header(data: bytes | bytearray | memoryview) -> ChunkHeader:
+    """Parse and verify the header at the start of ``data``."""
+    view = memoryview(data)
+    if view.nbytes < HEADER_SIZE:
+        raise CorruptEntryError(f"object is {view.nbytes} bytes, shorter than the {HEADER_SIZE}-byte header")
+    fields = view[: _FIELDS.size]
+    if bytes(fields[:4]) != MAGIC:
+        raise CorruptEntryError("not an lmcache-core object (bad magic)")
+    (crc,) = _CRC.unpack_from(view, _FIELDS.size)
+    if zlib.crc32(fields) != crc:
+        raise CorruptEntryError("header checksum mismatch")
+    (_, version, header_size, codec, dtype_code, ndim, _, *rest) = _FIELDS.unpack(fields)
+    shape_all, (num_tokens, chunk_index, digest, payload_len, checksum) = rest[:MAX_DIMS], rest[MAX_DIMS:]
+    if version != FORMAT_VERSION or header_size != HEADER_SIZE:
+        raise CorruptEntryError(f"unsupported format version {version}")
+    if dtype_code not in _DTYPES_BY_CODE or ndim > MAX_DIMS:
+        raise CorruptEntryError("unknown dtype or rank in header")
+    return ChunkHeader(
+        codec=codec.rstrip(b"\0").decode("ascii", "replace"),
+        dtype=_DTYPES_BY_CODE[dtype_code],
+        shape=tuple(shape_all[:ndim]),
+        num_tokens=num_tokens,
+        chunk_index=chunk_index,
+        key_digest=digest,
+        payload_len=payload_len,
+        payload_checksum=checksum,
+    )
+
+
+def decode_chunk(
+    data: bytes | bytearray | memoryview,
+    expected_key: ChunkKey | str,
+    *,
+    verify_checksum: bool = True,
+) -> DecodedChunk:
+    """Decode an object written by :func:`encode_chunk` for ``expected_key``.
+
+    Writable buffers (``bytearray``) are decoded without a copy for the raw codec; the
+    returned tensor then shares their memory.
+    """
+    header = read_header(data)
+    if header.key_digest != key_digest(expected_key):
+        raise CorruptEntryError("object belongs to another key")
+    view = memoryview(data)
+    if view.nbytes != header.total_size:
+        raise CorruptEntryError(f"object is {view.nbytes} bytes, header says {header.total_size}")
+    payload = view[HEADER_SIZE:]
+    if verify_checksum and xxhash.xxh3_64_intdigest(payload) != header.payload_checksum:
+        raise CorruptEntryError("payload checksum mismatch")
+    try:
+        codec = get_codec(header.codec)
+    except KeyError as exc:
+        raise CorruptEntryError(f"unknown codec {header.codec!r}") from exc
+    try:
+        tensor = codec.decode(payload, header.dtype, header.shape)
+    except (ValueError, RuntimeError) as exc:
+        raise CorruptEntryError(f"payload does not decode: {exc}") from exc
+    return DecodedChunk(tensor, header)
+
+
+def total_nbytes(buffers: Sequence[memoryview]) -> int:
+    return sum(b.nbytes for b in buffers)

@@ -1,0 +1,85 @@
+"""KV chunks kept as tensors in a byte-bounded (pinned when CUDA is present) memory pool.
+
+Eviction is LRU by bytes and prefix-aware: within a batch the chunks are touched from last to
+first, so a prompt's first chunk is always more recent than its tail and the tail goes first. A
+cache that evicted the start of a prefix would keep chunks nobody can reach.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from lmcache_core.backend import BackendContext, Chunk, StorageBackend
+from lmcache_core.keys import ChunkKey
+from lmcache_core.memory import MemoryPool
+from lmcache_cpu.settings import CpuSettings
+
+
+class CpuBackend(StorageBackend):
+    settings: CpuSettings
+
+    def __init__(self, settings: CpuSettings, context: BackendContext) -> None:
+        super().__init__(settings, context)
+        self.pool = MemoryPool(settings.max_size)
+        self._entries: OrderedDict[ChunkKey, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def contains(self, keys: Sequence[ChunkKey]) -> int:
+        with self._lock:
+            return next((i for i, key in enumerate(keys) if key not in self._entries), len(keys))
+
+    def get_many(self, keys: Sequence[ChunkKey]) -> list[torch.Tensor | None]:
+        with self._lock:
+            found = [self._entries.get(key) for key in keys]
+            for key, tensor in zip(reversed(keys), reversed(found), strict=True):
+                if tensor is not None:
+                    self._entries.move_to_end(key)
+        self.count("read_bytes", sum(t.nbytes for t in found if t is not None))
+        return found
+
+    def put_many(self, chunks: Sequence[Chunk]) -> None:
+        for chunk in reversed(chunks):
+            with self._lock:
+                if chunk.key in self._entries:
+                    self._entries.move_to_end(chunk.key)
+                    continue
+            buffer = self._allocate(tuple(chunk.kv.shape), chunk.kv.dtype)
+            if buffer is None:
+                self.count("dropped_too_large")
+                continue
+            buffer.copy_(chunk.kv)
+            with self._lock:
+                self._entries[chunk.key] = buffer
+            self.count("written_bytes", buffer.nbytes)
+
+    def _allocate(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+        while True:
+            buffer = self.pool.allocate(shape, dtype)
+            if buffer is not None:
+                return buffer
+            with self._lock:
+                if not self._entries:
+                    return None
+                self._entries.popitem(last=False)
+            self.count("evicted")
+
+    def delete(self, keys: Sequence[ChunkKey]) -> int:
+        with self._lock:
+            return sum(self._entries.pop(key, None) is not None for key in keys)
+
+    def iter_keys(self) -> Iterator[str]:
+        with self._lock:
+            names = [str(key) for key in self._entries]
+        return iter(names)
+
+    def stats(self) -> dict[str, float]:
+        return {**self.counters, "entries": len(self._entries), "used_bytes": self.pool.used,
+                "capacity_bytes": self.pool.capacity}
+
+    def close(self) -> None:
+        with self._lock:
+            self._entries.clear()

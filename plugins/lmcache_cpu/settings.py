@@ -1,0 +1,7 @@
+from pydantic import ByteSize, Field
+
+from lmcache_core.backend import BackendSettings
+
+
+class CpuSettings(BackendSettings):
+    max_size: ByteSize = Field(ByteSize(5 * 1024**3), description="Memory for KV chunks, e.g. 5GiB.")
