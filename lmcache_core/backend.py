@@ -22,7 +22,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from lmcache_core.errors import CorruptEntryError
 from lmcache_core.keys import ChunkKey
@@ -38,10 +38,8 @@ class BackendSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    codec: str | None = None
-    """Payload codec for this tier (serializing tiers only); defaults to ``LMCACHE_CODEC``."""
-    required: bool = False
-    """Fail start-up when this tier cannot be reached, instead of running without it."""
+    codec: str | None = Field(None, description="Payload codec of this tier (serializing tiers); default LMCACHE_CODEC.")
+    required: bool = Field(False, description="Fail start-up when this tier is unreachable, instead of skipping it.")
 
 
 @dataclass(frozen=True)

@@ -288,7 +288,7 @@ def known_variables(registry: Registry) -> set[str]:
     return names
 
 
-def _format_validation_error(error: ValidationError, raw: _Raw, prefix: tuple[str, ...] = ()) -> str:
+def _error_lines(error: ValidationError, raw: _Raw, prefix: tuple[str, ...] = ()) -> list[str]:
     lines = []
     for item in error.errors():
         loc = (*prefix, *item["loc"])
@@ -301,7 +301,7 @@ def _format_validation_error(error: ValidationError, raw: _Raw, prefix: tuple[st
         value = item.get("input")
         shown = "" if isinstance(value, dict) or item["type"] == "missing" else f", got {value!r}"
         lines.append(f"{where}: {message}{shown}")
-    return "invalid lmcache-core settings:\n  " + "\n  ".join(lines)
+    return lines
 
 
 def load_settings(
@@ -340,26 +340,30 @@ def load_settings(
     for key, value in overrides.items():
         raw.set((key,), value, key)
 
+    problems: list[str] = []
+    settings: Settings | None = None
     try:
         settings = Settings(**raw.data)
+        tiers = settings.tiers
     except ValidationError as error:
-        raise SettingsError(_format_validation_error(error, raw)) from None
-
-    problems = []
-    for tier in settings.tiers:
+        problems.extend(_error_lines(error, raw))
+        tiers = split_list(raw.get(("tiers",), ["cpu"]))  # still report the tiers' own problems
+    backends: dict[str, BackendSettings] = {}
+    for tier in tiers if isinstance(tiers, list) else []:
         if tier not in registry.backends:
             problems.append(
                 f"{raw.origin_of(('tiers',))}: unknown tier {tier!r}; "
                 f"allowed: {', '.join(sorted(registry.backends)) or 'none (no plugin loaded)'}"
             )
             continue
-        section = (settings.model_extra or {}).get(tier) or {}
+        section = raw.get((tier,)) or {}
         try:
-            settings._backends[tier] = registry.settings_model(tier).model_validate(section)
+            backends[tier] = registry.settings_model(tier).model_validate(section)
         except ValidationError as error:
-            problems.append(_format_validation_error(error, raw, (tier,)).split("\n", 1)[1].strip())
-    if problems:
+            problems.extend(_error_lines(error, raw, (tier,)))
+    if problems or settings is None:
         raise SettingsError("invalid lmcache-core settings:\n  " + "\n  ".join(problems))
+    settings._backends = backends
     return settings
 
 

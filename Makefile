@@ -1,0 +1,36 @@
+# The short commands the README promises; CI (.ci/run) calls the same ones.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export VLLM_CPU_OMP_THREADS_BIND ?= all
+
+.PHONY: setup demo test unit lint bench docs clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml scripts/install.sh
+	bash scripts/install.sh
+	touch $@
+
+demo: setup
+	$(PY) -m lmcache_core.integrations.vllm.demo
+
+test: setup
+	bash scripts/start-services.sh
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q
+
+unit: setup
+	$(PY) -m pytest -q tests/unit
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+bench: setup
+	$(VENV)/bin/lmcache-core bench
+
+docs: setup
+	$(PY) docs/gen_config.py
+	$(VENV)/bin/mkdocs build --strict
+
+clean:
+	rm -rf site build *.egg-info
