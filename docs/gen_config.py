@@ -18,10 +18,7 @@ PAGE = Path(__file__).with_name("configuration.md")
 
 
 def _default(info) -> str:  # type: ignore[no-untyped-def]
-    if info.default_factory is not None:
-        value = info.default_factory()
-    else:
-        value = info.default
+    value = info.default_factory() if info.default_factory is not None else info.default
     if isinstance(value, BaseModel):
         return ""
     if isinstance(value, ByteSize):
