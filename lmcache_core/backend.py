@@ -38,7 +38,7 @@ class BackendSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    codec: str | None = Field(None, description="Payload codec of this tier (byte-storing tiers); default LMCACHE_CODEC.")
+    codec: str | None = Field(None, description="Payload codec of this tier (byte stores); default LMCACHE_CODEC.")
     required: bool = Field(False, description="Fail start-up when this tier is unreachable, instead of skipping it.")
 
 
