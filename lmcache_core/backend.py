@@ -147,7 +147,11 @@ class SerializingBackend(StorageBackend):
                 self.count("read_bytes", len(blob))
             except CorruptEntryError as error:
                 self.count("corrupt_entries")
-                log.warning("tier %s: entry %s is unusable (%s); treating it as a miss", self.name, key, error)
+                log.warning("tier %s: entry %s is unusable (%s); deleting it", self.name, key, error)
+                try:
+                    self._delete_blobs([str(key)])
+                except Exception as delete_error:  # the miss stands either way
+                    log.warning("tier %s: could not delete %s (%s)", self.name, key, delete_error)
                 results.append(None)
         return results
 

@@ -105,6 +105,8 @@ class CacheEngine:
         """
         self._check_layout(kv)
         num_tokens = kv.shape[2]
+        if num_tokens > len(tokens):
+            raise ValueError(f"kv covers {num_tokens} tokens but only {len(tokens)} token ids were given")
         keys = self.keys(tokens[:num_tokens])
         bounds = self.hasher.chunk_bounds(num_tokens, include_partial=self.settings.save_unfull_chunk)
         already = self.stack.contains(keys)

@@ -70,6 +70,15 @@ class CacheScope:
     tp_rank: int = 0
     tp_world_size: int = 1
 
+    def identity(self) -> bytes:
+        """Every field, unabridged and unambiguous: what chunk digests are seeded with."""
+        import json
+
+        layout = self.layout
+        fields = [KEY_SCHEMA_VERSION, self.namespace, self.model_name, self.model_digest, layout.dtype,
+                  layout.num_layers, layout.num_kv_heads, layout.head_dim, self.tp_rank, self.tp_world_size]
+        return json.dumps(fields, ensure_ascii=False).encode()
+
     @property
     def prefix(self) -> str:
         """Human-readable key prefix, safe in paths and object keys."""
@@ -144,7 +153,7 @@ class ChunkHasher:
         self.algorithm = algorithm
         self._digest = _digest_function(algorithm, secret)
         self._prefix = scope.prefix
-        self._seed = self._digest(self._prefix.encode())
+        self._seed = self._digest(scope.identity())
 
     def num_full_chunks(self, num_tokens: int) -> int:
         return num_tokens // self.chunk_size

@@ -73,6 +73,11 @@ def load_registry(
                     "upgrade lmcache-core"
                 )
             manager.register(plugin, name=name)
+            unknown = [caller.name for caller in manager.get_hookcallers(plugin) or [] if not caller.has_spec()]
+            if unknown:
+                manager.unregister(plugin)
+                raise PluginError(f"implements unknown hook(s) {', '.join(unknown)}; "
+                                  f"known: {', '.join(sorted(n for n in dir(hookspecs) if n.startswith('lmcache_')))}")
         except Exception as error:
             fail(name, error)
             continue

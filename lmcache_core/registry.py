@@ -35,7 +35,10 @@ class BackendSpec:
     def missing_module(self) -> str | None:
         """The first required module that is not installed, found without importing it."""
         for module in self.requires:
-            if importlib.util.find_spec(module) is None:
+            try:
+                if importlib.util.find_spec(module) is None:
+                    return module
+            except ModuleNotFoundError:  # a parent package of a dotted name is missing
                 return module
         return None
 

@@ -73,7 +73,9 @@ class Settings(BaseSettings):
     write_queue_size: int = Field(
         256, gt=0, description="Chunks queued per lower tier for background writes; overflow is dropped."
     )
-    plugins: PluginSettings = Field(default_factory=PluginSettings)
+    plugins: PluginSettings = Field(
+        default_factory=PluginSettings, description="Which plugins load (allow, deny) and whether a failure is fatal."
+    )
 
     _backends: dict[str, BackendSettings] = PrivateAttr(default_factory=dict)
 
@@ -105,10 +107,9 @@ class Settings(BaseSettings):
 
     def effective(self) -> dict[str, Any]:
         """Everything in force, secrets redacted (for ``lmcache-core info`` and logs)."""
-        data = self.model_dump(exclude=set(self.model_extra or {}))
-        data["key_secret"] = "**********" if self.key_secret else None
+        data = self.model_dump(mode="json", exclude=set(self.model_extra or {}))
         for name, section in self._backends.items():
-            data[name] = redact(section.model_dump())
+            data[name] = redact(section.model_dump(mode="json"))  # json mode: SecretStr -> "**********", URLs -> str
         return data
 
 
@@ -299,7 +300,7 @@ def _error_lines(error: ValidationError, raw: _Raw, prefix: tuple[str, ...] = ()
         elif item["type"] == "extra_forbidden":
             message = "unknown setting"
         value = item.get("input")
-        shown = "" if isinstance(value, dict) or item["type"] == "missing" else f", got {value!r}"
+        shown = "" if isinstance(value, dict) or item["type"] == "missing" else f", got {redact(value)!r}"
         lines.append(f"{where}: {message}{shown}")
     return lines
 
@@ -339,6 +340,13 @@ def load_settings(
     _apply_legacy(raw, legacy, registry)
     for key, value in overrides.items():
         raw.set((key,), value, key)
+    known_sections = [*Settings.model_fields, *registry.backends]
+    for key in raw.data:
+        if key not in known_sections:
+            where = next(origin for path, origin in raw.origin.items() if path[0] == key)
+            close = difflib.get_close_matches(key, known_sections, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            log.warning("%s: %r is not an lmcache-core setting and is ignored%s", where, key, hint)
 
     problems: list[str] = []
     settings: Settings | None = None
@@ -361,6 +369,16 @@ def load_settings(
             backends[tier] = registry.settings_model(tier).model_validate(section)
         except ValidationError as error:
             problems.extend(_error_lines(error, raw, (tier,)))
+    from lmcache_core.codecs import available_codecs
+
+    codecs = available_codecs()
+    if settings is not None and settings.codec not in codecs:
+        problems.append(f"{raw.origin_of(('codec',))}: unknown codec {settings.codec!r}; allowed: {', '.join(codecs)}")
+    for tier, section in backends.items():
+        if section.codec is not None and section.codec not in codecs:
+            problems.append(
+                f"{raw.origin_of((tier, 'codec'))}: unknown codec {section.codec!r}; allowed: {', '.join(codecs)}"
+            )
     if problems or settings is None:
         raise SettingsError("invalid lmcache-core settings:\n  " + "\n  ".join(problems))
     settings._backends = backends
@@ -380,9 +398,8 @@ def redact(value: Any) -> Any:
 
 def redact_url(url: str) -> str:
     parts = urlsplit(url)
-    if parts.password is None:
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:  # no password; never parse the port: it may be what is invalid
         return url
-    user = f"{parts.username}:" if parts.username else ":"
-    host = parts.hostname or ""
-    netloc = f"{user}***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    user = userinfo.split(":", 1)[0]
+    return urlunsplit((parts.scheme, f"{user}:***@{hostport}", parts.path, parts.query, parts.fragment))

@@ -7,6 +7,7 @@ cache that evicted the start of a prefix would keep chunks nobody can reach.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -57,6 +58,8 @@ class CpuBackend(StorageBackend):
             self.count("written_bytes", buffer.nbytes)
 
     def _allocate(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+        if math.prod(shape) * dtype.itemsize > self.pool.capacity:
+            return None  # can never fit: do not evict anything for it
         while True:
             buffer = self.pool.allocate(shape, dtype)
             if buffer is not None:

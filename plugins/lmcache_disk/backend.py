@@ -55,9 +55,13 @@ class DiskBackend(SerializingBackend):
                 stat = entry.stat()
                 if stat.st_size != header.total_size:
                     raise CorruptEntryError("file size does not match its header")
-            except (OSError, CorruptEntryError) as error:
+            except OSError as error:
+                log.warning("disk tier: cannot read %s (%s); skipping it", entry.name, error)
+                continue
+            except CorruptEntryError as error:
                 self.count("corrupt_entries")
-                log.warning("disk tier: ignoring %s (%s)", entry.name, error)
+                log.warning("disk tier: removing %s (%s)", entry.name, error)
+                Path(entry.path).unlink(missing_ok=True)  # or _adopt() would index it again
                 continue
             # oldest first; within one time, later chunks of a prompt go first
             found.append((stat.st_mtime, -header.chunk_index, entry.name[: -len(SUFFIX)], stat.st_size))
