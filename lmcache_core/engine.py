@@ -110,12 +110,8 @@ class CacheEngine:
         keys = self.keys(tokens[:num_tokens])
         bounds = self.hasher.chunk_bounds(num_tokens, include_partial=self.settings.save_unfull_chunk)
         already = self.stack.contains(keys)
-        chunks = [
-            Chunk(keys[i], kv[:, :, start:end].to("cpu", copy=True), i)
-            for i, (start, end) in enumerate(bounds)
-            if i >= already
-        ]
-        self.stack.put_many(chunks)
+        chunks = [Chunk(keys[i], kv[:, :, start:end], i) for i, (start, end) in enumerate(bounds) if i >= already]
+        self.stack.put_many(chunks)  # the tiers copy: kv stays the caller's
         return sum(chunk.kv.shape[2] for chunk in chunks)
 
     def lookup(self, tokens: Sequence[int] | np.ndarray | torch.Tensor) -> int:
@@ -135,7 +131,15 @@ class CacheEngine:
         chunks = self.retrieve_chunks(self.keys(tokens))
         if not chunks:
             return None
-        return torch.cat(chunks, dim=2).to(device)
+        total = sum(chunk.shape[2] for chunk in chunks)
+        out = torch.empty(self.scope.layout.chunk_shape(total), dtype=chunks[0].dtype, device=device)
+        position = 0
+        for chunk in chunks:  # straight into the destination: no host-side concatenation
+            out[:, :, position : position + chunk.shape[2]].copy_(chunk, non_blocking=True)
+            position += chunk.shape[2]
+        if out.device.type == "cuda":
+            torch.cuda.current_stream(out.device).synchronize()  # the sources may be evicted after return
+        return out
 
     def retrieve_chunks(self, keys: Sequence[ChunkKey]) -> list[torch.Tensor]:
         """KV of the longest retrievable prefix of ``keys``, one tensor per chunk, shapes checked."""

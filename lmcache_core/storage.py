@@ -21,7 +21,7 @@ from typing import TypeVar
 
 import torch
 
-from lmcache_core.backend import Chunk, StorageBackend
+from lmcache_core.backend import Chunk, SerializingBackend, StorageBackend
 from lmcache_core.keys import ChunkKey
 
 log = logging.getLogger(__name__)
@@ -157,17 +157,41 @@ class TierStack:
         return prefix
 
     def put_many(self, chunks: Sequence[Chunk]) -> None:
-        """Store in the first tier now and in the lower tiers in the background."""
-        self._write(list(chunks), upto=len(self._tiers))
+        """Store in the first tier now and in the lower tiers in the background.
 
-    def _write(self, chunks: list[Chunk], upto: int) -> None:
+        ``chunks`` may be views of memory the caller reuses (a KV cache on a GPU, say): the
+        first tier copies them now, and the lower tiers get copies that nobody else writes.
+        """
+        chunks = list(chunks)
         if not chunks:
             return
-        for index, tier in enumerate(self._tiers[:upto]):
-            if index == 0:
-                tier.call("put", lambda t=tier: t.backend.put_many(chunks), None)
-            else:
-                tier.enqueue(chunks)
+        first = self._tiers[0]
+        first.call("put", lambda: first.backend.put_many(chunks), None)
+        if len(self._tiers) > 1:
+            self._enqueue(self._stable_copies(chunks), self._tiers[1:])
+
+    def _stable_copies(self, chunks: list[Chunk]) -> list[Chunk]:
+        """Chunks whose tensors only the stack holds: the first tier's own copies where it keeps
+        tensors in memory (no second copy), otherwise fresh host copies."""
+        first = self._tiers[0]
+        if not isinstance(first.backend, SerializingBackend):
+            held = first.call("get", lambda: first.backend.get_many([c.key for c in chunks]), [])
+            if len(held) == len(chunks) and all(tensor is not None for tensor in held):
+                return [Chunk(c.key, tensor, c.index) for c, tensor in zip(chunks, held, strict=True)]
+        return [Chunk(c.key, c.kv.to("cpu", copy=True), c.index) for c in chunks]
+
+    def _write(self, chunks: list[Chunk], upto: int) -> None:
+        """Write already host-resident chunks (promotions) into the tiers above ``upto``."""
+        if not chunks or upto == 0:
+            return
+        first = self._tiers[0]
+        first.call("put", lambda: first.backend.put_many(chunks), None)
+        self._enqueue(chunks, self._tiers[1:upto])
+
+    @staticmethod
+    def _enqueue(chunks: list[Chunk], tiers: Sequence[_Tier]) -> None:
+        for tier in tiers:
+            tier.enqueue(chunks)
 
     def delete(self, keys: Sequence[ChunkKey]) -> int:
         return sum(tier.call("delete", lambda t=tier: t.backend.delete(keys), 0) for tier in self._tiers)
