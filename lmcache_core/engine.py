@@ -109,7 +109,7 @@ class CacheEngine:
             raise ValueError(f"kv covers {num_tokens} tokens but only {len(tokens)} token ids were given")
         keys = self.keys(tokens[:num_tokens])
         bounds = self.hasher.chunk_bounds(num_tokens, include_partial=self.settings.save_unfull_chunk)
-        already = self.stack.contains(keys)
+        already = self.stack.first_tier_contains(keys)  # never wait on a remote tier to store
         chunks = [Chunk(keys[i], kv[:, :, start:end], i) for i, (start, end) in enumerate(bounds) if i >= already]
         self.stack.put_many(chunks)  # the tiers copy: kv stays the caller's
         return sum(chunk.kv.shape[2] for chunk in chunks)

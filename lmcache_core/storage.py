@@ -131,6 +131,12 @@ class TierStack:
                         break
         return found
 
+    def first_tier_contains(self, keys: Sequence[ChunkKey]) -> int:
+        """Like :meth:`contains`, asking only the first (fastest, local) tier: for write paths,
+        which must never wait on a remote tier."""
+        first = self._tiers[0]
+        return first.call("contains", lambda: first.backend.contains(keys), 0)
+
     def get_prefix(self, keys: Sequence[ChunkKey]) -> list[torch.Tensor]:
         """KV of the longest retrievable prefix of ``keys`` (stops at the first chunk no tier has)."""
         results: list[torch.Tensor | None] = [None] * len(keys)

@@ -1,0 +1,298 @@
+"""KV chunks as Redis values: ``SET <chunk key> <framed object>``, one pipeline per batch.
+
+The key string already holds the namespace, model and layout, so tenants and models never share a
+key; the framed object is verified on read like every serializing tier's.
+
+Why it looks the way it does:
+
+- **One round trip per batch.** EXISTS, GET and DEL go through a non-transactional pipeline; SET
+  batches are written to one pooled connection and their replies read afterwards, which is what a
+  pipeline does, except that each value is sent as its header and payload buffers
+  (``socket.sendall`` per buffer) instead of being joined into one bytes object first: a chunk is
+  never copied on its way out.
+- **No copy on the way in either.** redis-py's pure-Python reply parser copies a bulk reply
+  several times and hands back immutable ``bytes``, which the decoder would have to copy once more
+  because ``torch.frombuffer`` needs writable memory. :func:`_writable_bulk_parser` reads large
+  bulk replies straight from the socket into one writable buffer that becomes the tensor. It
+  subclasses two redis-py internals; if they ever change shape we fall back to the stock parser
+  (one more copy, same results).
+- **Bounded time.** Socket and connect timeouts come from the settings, and redis-py's own retry
+  loop (10 retries with backoff by default) is cut to one immediate retry on a broken connection,
+  so a dead server fails a call within about ``timeout`` seconds. The tier stack then skips the
+  tier with backoff and tries again later; the pool reconnects by itself when the server is back.
+- Cluster and Sentinel use redis-py's own clients. The cluster path uses redis-py's cluster
+  pipeline and stock parser (one copy more per value each way).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+from lmcache_core.backend import BackendContext, Blob, Chunk, SerializingBackend
+from lmcache_core.keys import ChunkKey
+from lmcache_core.serde import encode_chunk
+from lmcache_core.settings import redact_url
+from lmcache_redis.settings import RedisSettings
+
+log = logging.getLogger(__name__)
+
+_DIRECT_READ_MIN = 64 * 1024  # bulk replies at least this large are read straight into their own buffer
+_SMALL_PART = 16 * 1024  # buffers smaller than this are coalesced before sendall
+
+
+@functools.cache
+def _writable_bulk_parser() -> type | None:
+    """A RESP2 parser that returns large bulk replies as writable memoryviews, read with ``recv_into``.
+
+    Stock redis-py (without hiredis) reads a 1 MiB reply through ``recv`` -> ``BytesIO.write`` ->
+    ``BytesIO.read`` -> ``bytes[:-2]``: four copies into fresh memory, then the decoder copies
+    once more. Here the socket writes into the buffer that the tensor will use. Returns ``None``
+    when the redis-py internals it extends are not there.
+    """
+    try:
+        import numpy as np
+        from redis._parsers.resp2 import _RESP2Parser
+        from redis._parsers.socket import SERVER_CLOSED_CONNECTION_ERROR, SocketBuffer
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.utils import SENTINEL
+    except ImportError:  # pragma: no cover - a redis-py that reorganised its parsers
+        return None
+    if not all(hasattr(SocketBuffer, name) for name in ("read", "purge", "rewind")):  # pragma: no cover
+        return None
+
+    class _DirectBuffer(SocketBuffer):  # type: ignore[misc]
+        def read(self, length: int, timeout: Any = SENTINEL) -> Any:
+            if length < _DIRECT_READ_MIN or timeout is not SENTINEL:  # custom timeouts: pub/sub only
+                return super().read(length, timeout)
+            # np.empty: no memset; the socket fills it. +2 for the trailing \r\n.
+            target = memoryview(np.empty(length + 2, dtype=np.uint8))
+            filled = self._buffer.readinto(target)  # what an earlier recv already buffered
+            while filled < length + 2:
+                received = self._sock.recv_into(target[filled:])
+                if not received:
+                    raise RedisConnectionError(SERVER_CLOSED_CONNECTION_ERROR)
+                filled += received
+            return target[:length]
+
+    class WritableBulkParser(_RESP2Parser):  # type: ignore[misc]
+        def on_connect(self, connection: Any) -> None:
+            super().on_connect(connection)
+            self._buffer.close()
+            self._buffer = _DirectBuffer(self._sock, self.socket_read_size, connection.socket_timeout)
+
+    return WritableBulkParser
+
+
+def _split_credentials(url: str) -> tuple[str, str | None, str | None]:
+    """``url`` without user and password, plus those (redis-py lets URL credentials win over
+    keyword arguments; we want the explicit settings to win)."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url, None, None
+    netloc = parts.netloc.rpartition("@")[2]
+    bare = urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    user = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password else None
+    return bare, user, password
+
+
+def _get_connection(pool: Any) -> Any:
+    try:
+        return pool.get_connection()
+    except TypeError:  # redis-py < 5.3 wants a command name
+        return pool.get_connection("SET")
+
+
+class RedisBackend(SerializingBackend):
+    settings: RedisSettings
+
+    def __init__(self, settings: RedisSettings, context: BackendContext) -> None:
+        super().__init__(settings, context)
+        self.where = redact_url(settings.url)
+        self._client_instance: Any = None
+        self._client_lock = threading.Lock()
+        self._warned_too_large = False
+
+    # --- connection -----------------------------------------------------------------------------
+
+    def _client(self) -> Any:
+        """The redis-py client, created on first use: a cluster or sentinel client talks to the
+        servers when it is built, and an unreachable server must not fail our constructor."""
+        client = self._client_instance
+        if client is None:
+            with self._client_lock:
+                if self._client_instance is None:
+                    self._client_instance = self._connect()
+                client = self._client_instance
+        return client
+
+    def _connect(self) -> Any:
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        settings = self.settings
+        url, url_user, url_password = _split_credentials(settings.url)
+        username = settings.username or url_user
+        password = settings.password.get_secret_value() if settings.password else url_password
+        bounded: dict[str, Any] = {
+            "socket_timeout": settings.timeout,
+            "socket_connect_timeout": settings.connect_timeout,
+            "retry": Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+        }
+        common: dict[str, Any] = {**bounded, "username": username, "password": password,
+                                  "max_connections": settings.max_connections}
+        parser = _writable_bulk_parser() if "protocol=" not in urlsplit(url).query else None
+        if parser is not None and settings.mode != "cluster":  # the cluster client filters parser_class out
+            # RESP2: every Redis and Valkey speaks it, and it is the protocol our parser extends.
+            common.update(parser_class=parser, protocol=2)
+
+        if settings.mode == "cluster":
+            from redis.cluster import RedisCluster
+
+            return RedisCluster.from_url(url, **common)
+        if settings.mode == "sentinel":
+            from redis.sentinel import Sentinel
+
+            parts = urlsplit(url)
+            sentinels = [(parts.hostname or "localhost", parts.port or 26379)]
+            for address in settings.sentinels:
+                host, _, port = address.rpartition(":")
+                sentinels.append((host, int(port)))
+            db = int(parts.path.strip("/") or 0)
+            tls = {"ssl": True} if parts.scheme == "rediss" else {}
+            sentinel = Sentinel(sentinels, sentinel_kwargs={**bounded, **tls}, **common, **tls)
+            return sentinel.master_for(settings.sentinel_master, db=db)
+        return redis.Redis.from_url(url, **common)
+
+    def check_health(self) -> None:
+        try:
+            self._client().ping()
+        except Exception as error:
+            raise ConnectionError(f"redis at {self.where} does not answer: {error}") from error
+
+    def close(self) -> None:
+        with self._client_lock:
+            client, self._client_instance = self._client_instance, None
+        if client is not None:
+            client.close()
+
+    # --- blobs ----------------------------------------------------------------------------------
+
+    def _pipelined(self, command: str, names: Sequence[str]) -> list[Any]:
+        if not names:
+            return []
+        pipeline = self._client().pipeline(transaction=False)
+        for name in names:
+            pipeline.execute_command(command, name)
+        return pipeline.execute()
+
+    def _exists_blobs(self, names: Sequence[str]) -> list[bool]:
+        return [bool(found) for found in self._pipelined("EXISTS", names)]
+
+    def _read_blobs(self, names: Sequence[str]) -> list[Blob | None]:
+        return self._pipelined("GET", names)
+
+    def _delete_blobs(self, names: Sequence[str]) -> int:
+        return sum(self._pipelined("DEL", names))
+
+    def put_many(self, chunks: Sequence[Chunk]) -> None:
+        """Encode each chunk just before it is sent instead of all of them first (the base class's
+        order): the checksum pass leaves the payload in the CPU cache for the socket copy, and the
+        server stores chunk *i* while we checksum chunk *i + 1*."""
+        if self.settings.mode == "cluster" or not chunks:
+            super().put_many(chunks)
+            return
+        encoded = (
+            (str(chunk.key), encode_chunk(chunk.key, chunk.kv, codec=self.codec, chunk_index=chunk.index))
+            for chunk in chunks
+        )
+        self.count("written_bytes", self._set_scattered(encoded))
+
+    def _write_blobs(self, items: Sequence[tuple[str, list[memoryview]]]) -> None:
+        if not items:
+            return
+        if self.settings.mode != "cluster":
+            self._set_scattered(items)
+            return
+        pipeline = self._client().pipeline(transaction=False)
+        for name, parts, _ in self._within_limit(items):
+            pipeline.set(name, b"".join(parts), ex=self.settings.ttl)
+        pipeline.execute()
+
+    def _within_limit(
+        self, items: Iterable[tuple[str, list[memoryview]]]
+    ) -> Iterator[tuple[str, list[memoryview], int]]:
+        """The items whose value fits ``max_value_size``, with their sizes; refusals are counted
+        and the first one is logged with what to do about it."""
+        limit = int(self.settings.max_value_size)
+        for name, parts in items:
+            size = sum(part.nbytes for part in parts)
+            if size <= limit:
+                yield name, parts, size
+                continue
+            self.count("dropped_too_large")
+            if not self._warned_too_large:
+                self._warned_too_large = True
+                log.warning(
+                    "tier %s: chunk %s is %d bytes, over LMCACHE_%s__MAX_VALUE_SIZE (%d); it is not stored. "
+                    "Use a smaller LMCACHE_CHUNK_SIZE or raise the limit (and Redis' proto-max-bulk-len). "
+                    "Further refusals are only counted (dropped_too_large).",
+                    self.name, name, size, self.name.upper(), limit,
+                )
+
+    def _set_scattered(self, items: Iterable[tuple[str, list[memoryview]]]) -> int:
+        """SET every item over one connection in one round trip, sending each value's buffers as
+        they are (no join). Equivalent to a non-transactional pipeline of SETs. ``items`` may be
+        lazy: each is consumed just before it is sent. Returns the bytes sent as values."""
+        ttl = self.settings.ttl
+        expiry = b"" if ttl is None else b"$2\r\nEX\r\n$%d\r\n%d\r\n" % (len(str(ttl)), ttl)
+        argc = 3 if ttl is None else 5
+        commands = 0
+        written = 0
+
+        def pieces() -> Iterator[Blob]:
+            nonlocal commands, written
+            pending = bytearray()
+            for name, parts, size in self._within_limit(items):
+                key = name.encode()
+                pending += b"*%d\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n" % (argc, len(key), key, size)
+                for part in parts:
+                    if part.nbytes < _SMALL_PART:
+                        pending += part
+                    else:
+                        yield pending  # sent before the generator resumes: safe to start a new one
+                        pending = bytearray()
+                        yield part
+                pending += b"\r\n" + expiry
+                commands += 1
+                written += size
+            if pending:
+                yield pending
+
+        pool = self._client().connection_pool
+        connection = _get_connection(pool)
+        try:
+            connection.send_packed_command(pieces(), check_health=False)
+            for _ in range(commands):
+                connection.read_response()  # raises on an error reply, e.g. OOM
+        except BaseException:
+            connection.disconnect()  # replies may be left unread: never reuse this connection
+            raise
+        finally:
+            pool.release(connection)
+        return written
+
+    def iter_keys(self) -> Iterator[str]:
+        for raw in self._client().scan_iter(match="v*:*", count=1000):
+            name = raw.decode() if isinstance(raw, bytes | bytearray) else str(raw)
+            try:
+                ChunkKey.parse(name)
+            except ValueError:
+                continue  # someone else's key in a shared keyspace
+            yield name
