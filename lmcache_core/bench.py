@@ -89,15 +89,19 @@ def _gbps(nbytes: int, seconds: float) -> float:
     return nbytes / seconds / 1e9
 
 
+def _workload(args: argparse.Namespace) -> tuple[list[Chunk], int]:
+    """The chunks one measurement moves, and their total bytes."""
+    count = max(1, int(args.total_mib / args.chunk_mib))
+    chunks = _chunks(_layout_for(int(args.chunk_mib * 2**20)), count)
+    return chunks, sum(c.kv.nbytes for c in chunks)
+
+
 def bench_cpu(args: argparse.Namespace) -> list[dict]:
     from lmcache_cpu.backend import CpuBackend
     from lmcache_cpu.settings import CpuSettings
 
-    layout = _layout_for(int(args.chunk_mib * 2**20))
-    count = max(1, int(args.total_mib / args.chunk_mib))
-    chunks = _chunks(layout, count)
-    nbytes = sum(c.kv.nbytes for c in chunks)
-    keys = [c.key for c in chunks]
+    chunks, nbytes = _workload(args)
+    count, keys = len(chunks), [c.key for c in chunks]
     destinations = [torch.empty_like(c.kv) for c in chunks]
     for d in destinations:
         d.fill_(0)  # fault the pages in so the baseline is a pure copy
@@ -129,11 +133,8 @@ def bench_disk(args: argparse.Namespace) -> list[dict]:
     from lmcache_disk.backend import DiskBackend
     from lmcache_disk.settings import DiskSettings
 
-    layout = _layout_for(int(args.chunk_mib * 2**20))
-    count = max(1, int(args.total_mib / args.chunk_mib))
-    chunks = _chunks(layout, count)
-    nbytes = sum(c.kv.nbytes for c in chunks)
-    keys = [c.key for c in chunks]
+    chunks, nbytes = _workload(args)
+    count, keys = len(chunks), [c.key for c in chunks]
     with tempfile.TemporaryDirectory(dir=args.disk_dir) as directory:
         root = Path(directory)
         tier_dir, raw_dir = root / "tier", root / "raw"

@@ -223,26 +223,19 @@ def _apply_legacy(raw: _Raw, legacy: dict[str, tuple[Any, str]], registry: Regis
     if "LMCACHE_MAX_LOCAL_CPU_SIZE" in legacy:
         value, where = legacy["LMCACHE_MAX_LOCAL_CPU_SIZE"]
         raw.set(("cpu", "max_size"), _parse_gb(where, value), where)
+    disk_size = None
+    if "LMCACHE_MAX_LOCAL_DISK_SIZE" in legacy:
+        value, where = legacy["LMCACHE_MAX_LOCAL_DISK_SIZE"]
+        disk_size = _parse_gb(where, value)
+        if disk_size:
+            raw.set(("disk", "max_size"), disk_size, where)
     if "LMCACHE_LOCAL_DISK" in legacy:
         value, where = legacy["LMCACHE_LOCAL_DISK"]
-        disk_path = str(value)
-        if disk_path.startswith("file://"):
-            disk_path = disk_path[len("file://") :]
-        raw.set(("disk", "path"), disk_path, where)
-        disk_on = True
-        if "LMCACHE_MAX_LOCAL_DISK_SIZE" in legacy:
-            size_value, size_where = legacy["LMCACHE_MAX_LOCAL_DISK_SIZE"]
-            size = _parse_gb(size_where, size_value)
-            disk_on = size > 0
-            if disk_on:
-                raw.set(("disk", "max_size"), size, size_where)
-            else:
-                log.warning("%s is 0: the disk tier stays off, as in LMCache", size_where)
-        if disk_on:
+        raw.set(("disk", "path"), str(value), where)  # DiskSettings accepts file:// URLs
+        if disk_size == 0:
+            log.warning("LMCACHE_MAX_LOCAL_DISK_SIZE is 0: the disk tier stays off, as in LMCache")
+        else:
             tiers.append("disk")
-    elif "LMCACHE_MAX_LOCAL_DISK_SIZE" in legacy:
-        value, where = legacy["LMCACHE_MAX_LOCAL_DISK_SIZE"]
-        raw.set(("disk", "max_size"), _parse_gb(where, value), where)
     if "LMCACHE_REMOTE_URL" in legacy:
         value, where = legacy["LMCACHE_REMOTE_URL"]
         scheme = urlsplit(str(value)).scheme
