@@ -1,0 +1,152 @@
+"""Run one vLLM engine in a child process on a scripted workload; shared by tests, demo and benchmark.
+
+Each :func:`run_engine` call is one vLLM process lifetime, so "restart vLLM" is just a second call
+(the disk tier lives on in its directory) and the caller never imports vLLM itself. The child
+writes a JSON result: per request the generated token ids, their log-probabilities, vLLM's count of
+cached prompt tokens, and the time to first token; plus vLLM's prefix-cache counters.
+
+TTFT is measured by vLLM (``RequestOutput.metrics.first_token_latency``, stats logging on), falling
+back to the wall time of a ``max_tokens=1`` call. Requests in one *round* are submitted together
+(one batch); rounds run one after the other.
+
+    python -m lmcache_core.integrations.vllm.harness SPEC.json RESULT.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONNECTOR_MODULE = "lmcache_core.integrations.vllm"
+
+
+@dataclass
+class EngineSpec:
+    """One vLLM configuration. ``connector``: None, ``"lmcache"``, or a vLLM connector class name
+    (``"OffloadingConnector"``, ``"SimpleCPUOffloadConnector"``)."""
+
+    model: str
+    connector: str | None = None
+    extra_config: dict[str, Any] = field(default_factory=dict)
+    enable_prefix_caching: bool = False
+    max_model_len: int = 16384
+    max_num_batched_tokens: int = 2048
+    num_gpu_blocks_override: int | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    use_module_path: bool = True  # False: rely on the vllm.general_plugins entry point
+
+
+@dataclass
+class Workload:
+    """Rounds of prompts (token-id lists or text); each round is submitted as one batch."""
+
+    rounds: list[list[list[int] | str]]
+    max_tokens: int = 8
+    logprobs: bool = True
+    labels: list[list[str]] | None = None
+    round_max_tokens: list[int] | None = None  # per round, overrides max_tokens
+
+
+def run_engine(spec: EngineSpec, workload: Workload, timeout_s: float = 900.0) -> dict[str, Any]:
+    """Start vLLM with ``spec`` in a child process, run ``workload``, return its JSON result."""
+    with tempfile.TemporaryDirectory(prefix="lmcache-harness-") as folder:
+        spec_path, result_path = Path(folder, "spec.json"), Path(folder, "result.json")
+        spec_path.write_text(json.dumps({"spec": asdict(spec), "workload": asdict(workload)}))
+        env = {**os.environ, **spec.env}
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{max(0, (os.cpu_count() or 1) - 1)}")
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        log_path = Path(folder, "vllm.log")
+        with log_path.open("wb") as log_file:
+            process = subprocess.run(
+                [sys.executable, "-m", __name__, str(spec_path), str(result_path)],
+                env=env, stdout=log_file, stderr=subprocess.STDOUT, timeout=timeout_s, check=False,
+            )
+        if process.returncode != 0 or not result_path.exists():
+            tail = log_path.read_text(errors="replace")[-6000:]
+            raise RuntimeError(f"vLLM run failed (exit {process.returncode}); last output:\n{tail}")
+        result = json.loads(result_path.read_text())
+        result["log"] = log_path.read_text(errors="replace")
+        return result
+
+
+def _kv_transfer_config(spec: EngineSpec) -> Any:
+    if spec.connector is None:
+        return None
+    from vllm.config import KVTransferConfig
+
+    if spec.connector == "lmcache":
+        return KVTransferConfig(
+            kv_connector="LMCacheCoreConnector",
+            kv_role="kv_both",
+            kv_connector_extra_config=spec.extra_config,
+            kv_connector_module_path=CONNECTOR_MODULE if spec.use_module_path else None,
+        )
+    return KVTransferConfig(kv_connector=spec.connector, kv_role="kv_both", kv_connector_extra_config=spec.extra_config)
+
+
+def _child(spec_path: str, result_path: str) -> None:
+    from vllm import LLM, SamplingParams
+
+    data = json.loads(Path(spec_path).read_text())
+    spec, workload = EngineSpec(**data["spec"]), Workload(**data["workload"])
+    started = time.perf_counter()
+    kwargs: dict[str, Any] = {}
+    if spec.num_gpu_blocks_override:
+        kwargs["num_gpu_blocks_override"] = spec.num_gpu_blocks_override
+    llm = LLM(
+        model=spec.model,
+        dtype="float32",
+        max_model_len=spec.max_model_len,
+        max_num_batched_tokens=spec.max_num_batched_tokens,
+        enable_prefix_caching=spec.enable_prefix_caching,
+        enforce_eager=True,
+        disable_log_stats=False,
+        kv_transfer_config=_kv_transfer_config(spec),
+        seed=0,
+        **kwargs,
+    )
+    startup_s = time.perf_counter() - started
+    rounds = []
+    for index, prompts in enumerate(workload.rounds):
+        max_tokens = workload.round_max_tokens[index] if workload.round_max_tokens else workload.max_tokens
+        params = SamplingParams(
+            max_tokens=max_tokens, temperature=0.0, ignore_eos=True, logprobs=1 if workload.logprobs else None
+        )
+        inputs = [{"prompt_token_ids": p} if isinstance(p, list) else p for p in prompts]
+        round_started = time.perf_counter()
+        outputs = llm.generate(inputs, params, use_tqdm=False)
+        wall = time.perf_counter() - round_started
+        requests = []
+        for position, output in enumerate(outputs):
+            completion = output.outputs[0]
+            metrics = output.metrics
+            ttft = getattr(metrics, "first_token_latency", 0.0) if metrics is not None else 0.0
+            steps = completion.logprobs or []
+            tokens = completion.token_ids[: len(steps)]
+            logprobs = [step[token].logprob for step, token in zip(steps, tokens, strict=True)]
+            requests.append({
+                "label": workload.labels[index][position] if workload.labels else f"{index}.{position}",
+                "prompt_tokens": len(output.prompt_token_ids or []),
+                "token_ids": list(completion.token_ids),
+                "logprobs": logprobs,
+                "num_cached_tokens": output.num_cached_tokens or 0,
+                "ttft_s": ttft or wall,
+            })
+        rounds.append({"wall_s": wall, "requests": requests})
+    metrics = {
+        metric.name: metric.value
+        for metric in llm.get_metrics()
+        if ("prefix_cache" in metric.name or "preemption" in metric.name) and hasattr(metric, "value")
+    }
+    Path(result_path).write_text(json.dumps({"startup_s": startup_s, "rounds": rounds, "metrics": metrics}))
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1], sys.argv[2])

