@@ -1,7 +1,6 @@
 # The short commands the README promises; CI (.ci/run) calls the same ones.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-export VLLM_CPU_OMP_THREADS_BIND ?= all
 
 .PHONY: setup demo test unit lint bench docs clean
 

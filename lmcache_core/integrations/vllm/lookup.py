@@ -39,6 +39,10 @@ def socket_path(engine_id: str, data_parallel_rank: int, rank: int) -> str:
     base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
     directory = Path(base) / f"lmcache-core-{os.getuid()}"
     directory.mkdir(mode=0o700, exist_ok=True)
+    status = directory.stat()
+    if status.st_uid != os.getuid() or status.st_mode & 0o077:
+        # Another user could then answer the scheduler's lookups (or read the prompts' token ids).
+        raise PermissionError(f"{directory} must be owned by this user and private (chmod 700)")
     tag = hashlib.sha256(engine_id.encode()).hexdigest()[:12]
     return str(directory / f"{tag}-dp{data_parallel_rank}-r{rank}.sock")
 
