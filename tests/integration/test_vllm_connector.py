@@ -147,8 +147,9 @@ def assert_same_generation(got: dict[str, Any], want: dict[str, Any]) -> None:
     """Identical greedy tokens, and log-probabilities equal up to float32 summation order.
 
     Loaded KV is bit-identical to recomputed KV, but attending over cached pages reduces in another
-    order than one long prefill (~1e-5 apart on an idle machine; vLLM's CPU kernels split work by
-    thread, and we saw up to 1e-3 on a loaded one). KV from a wrong chunk moves them by far more.
+    order than one long prefill: ~1e-5 apart on an idle machine, and once up to 1e-3 on a heavily
+    loaded one (cause not pinned down). The greedy tokens are the contract; the tolerance only
+    catches gross errors such as KV from the wrong chunk.
     """
     assert got["token_ids"] == want["token_ids"], f"request {got['label']}: greedy tokens differ"
     np.testing.assert_allclose(got["logprobs"], want["logprobs"], atol=5e-3, err_msg=got["label"])

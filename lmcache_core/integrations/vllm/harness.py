@@ -6,7 +6,7 @@ writes a JSON result: per request the generated token ids, their log-probabiliti
 cached prompt tokens, and the time to first token; plus vLLM's prefix-cache counters.
 
 TTFT is measured by vLLM (``RequestOutput.metrics.first_token_latency``, stats logging on), falling
-back to the wall time of a ``max_tokens=1`` call. Requests in one *round* are submitted together
+back to the wall time of the request's round. Requests in one *round* are submitted together
 (one batch); rounds run one after the other.
 
     python -m lmcache_core.integrations.vllm.harness SPEC.json RESULT.json
