@@ -348,7 +348,7 @@ class LMCacheCoreConnector(KVConnectorBase_V1):
         assert self._engine is not None
         keys = self._engine.hasher.keys(tokens)
         found = self._engine.stack.contains(keys)
-        first_tier = self._engine.stack.backends[0].contains(keys[:found]) if found else 0
+        first_tier = self._engine.stack.first_tier_contains(keys[:found]) if found else 0
         return found, first_tier
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
