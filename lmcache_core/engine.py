@@ -95,9 +95,6 @@ class CacheEngine:
             tokens = tokens.cpu().numpy()
         return self.hasher.keys(tokens, include_partial=self.settings.save_unfull_chunk)
 
-    def _tokens_in(self, keys: Sequence[ChunkKey], num_chunks: int, num_tokens: int) -> int:
-        return min(num_chunks * self.chunk_size, num_tokens)
-
     def store(self, tokens: Sequence[int] | np.ndarray | torch.Tensor, kv: torch.Tensor) -> int:
         """Store the chunks of ``kv`` (covering ``tokens[:kv.shape[2]]``) not stored yet.
 
@@ -118,7 +115,7 @@ class CacheEngine:
         """How many leading tokens of ``tokens`` have KV stored in some tier."""
         keys = self.keys(tokens)
         found = self.stack.contains(keys)
-        return self._tokens_in(keys, found, len(tokens))
+        return min(found * self.chunk_size, len(tokens))  # a stored partial chunk ends the prompt
 
     def retrieve(
         self, tokens: Sequence[int] | np.ndarray | torch.Tensor, device: str | torch.device = "cpu"
