@@ -84,6 +84,7 @@ class Fp8Codec:
 
 
 _CODECS: dict[str, Codec] = {}
+BUILTIN_CODECS: tuple[Codec, ...] = (RawCodec(), Fp8Codec())
 
 
 def register_codec(codec: Codec) -> None:
@@ -95,7 +96,7 @@ def register_codec(codec: Codec) -> None:
 
 def get_codec(name: str) -> Codec:
     if not _CODECS:  # the plugin manager has not run yet: serve the built-ins
-        for codec in (RawCodec(), Fp8Codec()):
+        for codec in BUILTIN_CODECS:
             register_codec(codec)
     try:
         return _CODECS[name]
@@ -110,5 +111,5 @@ def available_codecs() -> list[str]:
 
 @hookimpl
 def lmcache_register_codecs(register) -> None:  # type: ignore[no-untyped-def]
-    register(RawCodec())
-    register(Fp8Codec())
+    for codec in BUILTIN_CODECS:
+        register(codec)
