@@ -430,7 +430,7 @@ class LMCacheCoreConnector(KVConnectorBase_V1):
             chunks: list[Chunk] = []
             position = 0
             for transfer in meta.saves:
-                keys = self._engine.hasher.keys(transfer.tokens)
+                keys = self._engine.hasher.keys(transfer.tokens[: transfer.end])  # later chunks: not needed
                 for index in range(transfer.start // chunk, transfer.end // chunk):
                     chunks.append(Chunk(keys[index], buffer[:, :, position : position + chunk], index))
                     position += chunk
