@@ -7,8 +7,10 @@
 
 Tier figures include everything a tier does: framing, the xxh3 checksum, key verification and
 turning the bytes into a tensor (get) or a tensor into bytes (put). Both servers are started here,
-on free loopback ports, and stopped at the end. Raw and tier measurements alternate, and each
-figure is the median of ``--rounds`` runs, so machine noise hits both sides alike.
+on free loopback ports, and stopped at the end. Raw and tier measurements alternate, so machine
+noise hits both sides alike; a trial takes the median of ``--rounds`` runs of each, and the table
+gives the median over ``--trials`` trials with the lowest and highest trial's ratio beside it (on a
+small shared machine one trial's ratio can move by 0.1).
 
     python benchmarks/bench_remote.py                      # redis and s3, 1 and 4 MiB chunks
     python benchmarks/bench_remote.py --sizes 1,4,16 --batch-mib 64 --rounds 9 --only redis
@@ -104,7 +106,23 @@ def measure(pairs: list[tuple[str, Callable[[], object]]], rounds: int) -> dict[
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def bench_redis(sizes: list[float], batch_mib: float, rounds: int) -> list[tuple[str, str, float, float]]:
+Row = tuple[str, str, float, float, list[float]]  # backend, operation, tier B/s, raw B/s, ratio per trial
+
+
+def compare(backend: str, label: str, nbytes: int, pairs: list[tuple[str, Callable[[], object]]],
+            rounds: int, trials: int) -> list[Row]:
+    """Put and get rows for one payload size: ``pairs`` holds raw/tier put and get functions."""
+    runs = [measure(pairs, rounds) for _ in range(trials)]
+    rows = []
+    for operation in ("put", "get"):
+        tier = [nbytes / run[f"tier {operation}"] for run in runs]
+        raw = [nbytes / run[f"raw {operation}"] for run in runs]
+        ratios = [t / r for t, r in zip(tier, raw, strict=True)]
+        rows.append((backend, f"{operation} ({label})", statistics.median(tier), statistics.median(raw), ratios))
+    return rows
+
+
+def bench_redis(sizes: list[float], batch_mib: float, rounds: int, trials: int) -> list[Row]:
     import redis
 
     from lmcache_redis.backend import RedisBackend
@@ -141,17 +159,15 @@ def bench_redis(sizes: list[float], batch_mib: float, rounds: int) -> list[tuple
                     pipeline.get(name)
                 pipeline.execute()
 
-            seconds = measure([("raw put", raw_put), ("tier put", lambda c=chunks: tier.put_many(c)),
-                               ("raw get", raw_get), ("tier get", lambda k=keys: tier.get_many(k))], rounds)
-            label = f"{count} x {size:g} MiB"
-            rows.append(("redis", f"put ({label})", nbytes / seconds["tier put"], nbytes / seconds["raw put"]))
-            rows.append(("redis", f"get ({label})", nbytes / seconds["tier get"], nbytes / seconds["raw get"]))
+            pairs = [("raw put", raw_put), ("tier put", lambda c=chunks: tier.put_many(c)),
+                     ("raw get", raw_get), ("tier get", lambda k=keys: tier.get_many(k))]
+            rows += compare("redis", f"{count} x {size:g} MiB", nbytes, pairs, rounds, trials)
         tier.close()
         raw.close()
     return rows
 
 
-def bench_s3(sizes: list[float], batch_mib: float, rounds: int) -> list[tuple[str, str, float, float]]:
+def bench_s3(sizes: list[float], batch_mib: float, rounds: int, trials: int) -> list[Row]:
     import s3fs
 
     from lmcache_s3.backend import ObjectStoreBackend
@@ -174,13 +190,9 @@ def bench_s3(sizes: list[float], batch_mib: float, rounds: int) -> list[tuple[st
             keys = [c.key for c in chunks]
             payloads = {f"{bucket}/raw/{i}": encode_to_bytes(c.key, c.kv) for i, c in enumerate(chunks)}
             nbytes = sum(len(p) for p in payloads.values())
-            seconds = measure([("raw put", lambda p=payloads: raw.pipe(p)),
-                               ("tier put", lambda c=chunks: tier.put_many(c)),
-                               ("raw get", lambda p=list(payloads): raw.cat(p)),
-                               ("tier get", lambda k=keys: tier.get_many(k))], rounds)
-            label = f"{count} x {size:g} MiB"
-            rows.append(("s3 (moto)", f"put ({label})", nbytes / seconds["tier put"], nbytes / seconds["raw put"]))
-            rows.append(("s3 (moto)", f"get ({label})", nbytes / seconds["tier get"], nbytes / seconds["raw get"]))
+            pairs = [("raw put", lambda p=payloads: raw.pipe(p)), ("tier put", lambda c=chunks: tier.put_many(c)),
+                     ("raw get", lambda p=list(payloads): raw.cat(p)), ("tier get", lambda k=keys: tier.get_many(k))]
+            rows += compare("s3 (moto)", f"{count} x {size:g} MiB", nbytes, pairs, rounds, trials)
         tier.close()
     return rows
 
@@ -189,7 +201,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="1,4", help="chunk payloads in MiB, comma-separated")
     parser.add_argument("--batch-mib", type=float, default=32.0, help="data per batch (one put_many / get_many)")
-    parser.add_argument("--rounds", type=int, default=7, help="measurements per figure (median reported)")
+    parser.add_argument("--rounds", type=int, default=7, help="runs of each function per trial (median taken)")
+    parser.add_argument("--trials", type=int, default=3, help="trials per figure (median reported, ratio range shown)")
     parser.add_argument("--only", choices=["redis", "s3"], default=None)
     parser.add_argument("--output", type=Path, default=None, help="also write the table to this file")
     args = parser.parse_args(argv)
@@ -197,13 +210,14 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = []
     if args.only in (None, "redis"):
-        rows += bench_redis(sizes, args.batch_mib, args.rounds)
+        rows += bench_redis(sizes, args.batch_mib, args.rounds, args.trials)
     if args.only in (None, "s3"):
-        rows += bench_s3(sizes, args.batch_mib, max(3, args.rounds // 2))
-    lines = ["| backend | operation | tier GB/s | raw client GB/s | ratio (tier / raw) |", "|---|---|---|---|---|"]
-    for backend, operation, tier_speed, raw_speed in rows:
+        rows += bench_s3(sizes, args.batch_mib, max(3, args.rounds // 2), args.trials)
+    lines = ["| backend | operation | tier GB/s | raw client GB/s | ratio (tier / raw) | lowest - highest trial |",
+             "|---|---|---|---|---|---|"]
+    for backend, operation, tier_speed, raw_speed, ratios in rows:
         lines.append(f"| {backend} | {operation} | {tier_speed / 1e9:.2f} | {raw_speed / 1e9:.2f} | "
-                     f"{tier_speed / raw_speed:.2f}x |")
+                     f"{statistics.median(ratios):.2f}x | {min(ratios):.2f} - {max(ratios):.2f} |")
     table = "\n".join(lines)
     print(table)
     if args.output is not None:

@@ -9,7 +9,9 @@ Why it looks the way it does:
   batches are written to one pooled connection and their replies read afterwards, which is what a
   pipeline does, except that each value is sent as its header and payload buffers
   (``socket.sendall`` per buffer) instead of being joined into one bytes object first: a chunk is
-  never copied on its way out.
+  never copied on its way out. The base class frames the whole batch before this starts, so the
+  values go out back to back: checksumming each one just before sending it let the server drain
+  its socket and idle between values, and measured slower (docs/backends-remote.md).
 - **No copy on the way in either.** redis-py's pure-Python reply parser copies a bulk reply
   several times and hands back immutable ``bytes``, which the decoder would have to copy once more
   because ``torch.frombuffer`` needs writable memory. :func:`_writable_bulk_parser` reads large
@@ -33,9 +35,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from lmcache_core.backend import BackendContext, Blob, Chunk, SerializingBackend
+from lmcache_core.backend import BackendContext, Blob, SerializingBackend
 from lmcache_core.keys import ChunkKey
-from lmcache_core.serde import encode_chunk
 from lmcache_core.settings import redact_url
 from lmcache_redis.settings import RedisSettings
 
@@ -201,29 +202,18 @@ class RedisBackend(SerializingBackend):
     def _delete_blobs(self, names: Sequence[str]) -> int:
         return sum(self._pipelined("DEL", names))
 
-    def put_many(self, chunks: Sequence[Chunk]) -> None:
-        """Encode each chunk just before it is sent instead of all of them first (the base class's
-        order): the checksum pass leaves the payload in the CPU cache for the socket copy, and the
-        server stores chunk *i* while we checksum chunk *i + 1*."""
-        if self.settings.mode == "cluster" or not chunks:
-            super().put_many(chunks)
-            return
-        encoded = (
-            (str(chunk.key), encode_chunk(chunk.key, chunk.kv, codec=self.codec, chunk_index=chunk.index))
-            for chunk in chunks
-        )
-        self.count("written_bytes", self._set_scattered(encoded))
-
-    def _write_blobs(self, items: Sequence[tuple[str, list[memoryview]]]) -> None:
+    def _write_blobs(self, items: Sequence[tuple[str, list[memoryview]]]) -> int:
         if not items:
-            return
+            return 0
         if self.settings.mode != "cluster":
-            self._set_scattered(items)
-            return
+            return self._set_scattered(items)
         pipeline = self._client().pipeline(transaction=False)
-        for name, parts, _ in self._within_limit(items):
+        stored = 0
+        for name, parts, size in self._within_limit(items):
             pipeline.set(name, b"".join(parts), ex=self.settings.ttl)
+            stored += size
         pipeline.execute()
+        return stored
 
     def _within_limit(
         self, items: Iterable[tuple[str, list[memoryview]]]
@@ -248,8 +238,8 @@ class RedisBackend(SerializingBackend):
 
     def _set_scattered(self, items: Iterable[tuple[str, list[memoryview]]]) -> int:
         """SET every item over one connection in one round trip, sending each value's buffers as
-        they are (no join). Equivalent to a non-transactional pipeline of SETs. ``items`` may be
-        lazy: each is consumed just before it is sent. Returns the bytes sent as values."""
+        they are (no join). Equivalent to a non-transactional pipeline of SETs. Returns the bytes
+        sent as values."""
         ttl = self.settings.ttl
         expiry = b"" if ttl is None else b"$2\r\nEX\r\n$%d\r\n%d\r\n" % (len(str(ttl)), ttl)
         argc = 3 if ttl is None else 5

@@ -18,6 +18,7 @@ from services import RedisServer, SentinelServer, service_unavailable
 from lmcache_core.backend import BackendContext
 from lmcache_core.engine import CacheEngine
 from lmcache_core.keys import KVLayout
+from lmcache_core.serde import encode_chunk
 from lmcache_core.testing.conformance import SerializingBackendConformance, assert_same, make_chunks
 from lmcache_redis.backend import RedisBackend
 from lmcache_redis.settings import RedisSettings
@@ -122,6 +123,7 @@ def test_values_over_the_limit_are_refused_with_a_clear_message(
     assert backend.contains([small[0].key]) == 1
     assert backend.contains([c.key for c in large]) == 0
     assert backend.counters["dropped_too_large"] == 2
+    assert backend.counters["written_bytes"] == sum(part.nbytes for part in encode_chunk(small[0].key, small[0].kv))
     assert sum("LMCACHE_REDIS__MAX_VALUE_SIZE" in record.message for record in caplog.records) == 1
     backend.close()
 
