@@ -16,6 +16,7 @@ from lmcache_core.errors import (
     PluginError,
     SettingsError,
     UnknownBackendError,
+    UnsupportedEntryError,
 )
 from lmcache_core.hookspecs import PLUGIN_API_VERSION, hookimpl
 from lmcache_core.keys import CacheScope, ChunkHasher, ChunkKey, KVLayout, config_digest
@@ -50,6 +51,7 @@ __all__ = [
     "StorageBackend",
     "TierStack",
     "UnknownBackendError",
+    "UnsupportedEntryError",
     "__version__",
     "build_backends",
     "config_digest",

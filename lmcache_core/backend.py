@@ -17,18 +17,20 @@ from __future__ import annotations
 import logging
 import threading
 from abc import ABC, abstractmethod
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from lmcache_core.errors import CorruptEntryError
+from lmcache_core.errors import CorruptEntryError, UnsupportedEntryError
 from lmcache_core.keys import ChunkKey
 from lmcache_core.serde import decode_chunk, encode_chunk
 
 log = logging.getLogger(__name__)
+
+_UNREADABLE_REMEMBERED = 4096  # names of unsupported entries a tier stops advertising
 
 Blob = bytes | bytearray | memoryview
 
@@ -110,6 +112,12 @@ class StorageBackend(ABC):
 class SerializingBackend(StorageBackend):
     """Base for tiers that store framed bytes. Implement the four ``_*_blobs`` methods."""
 
+    def __init__(self, settings: BackendSettings, context: BackendContext) -> None:
+        super().__init__(settings, context)
+        self._unreadable: OrderedDict[str, None] = OrderedDict()  # see _remember_unreadable
+        self._unreadable_lock = threading.Lock()
+        self._warned_unsupported = False
+
     @property
     def codec(self) -> str:
         return self.settings.codec or self.context.default_codec
@@ -135,8 +143,10 @@ class SerializingBackend(StorageBackend):
         """Remove names; returns how many existed."""
 
     def contains(self, keys: Sequence[ChunkKey]) -> int:
-        found = self._exists_blobs([str(key) for key in keys])
-        return next((i for i, hit in enumerate(found) if not hit), len(found))
+        names = [str(key) for key in keys]
+        found = self._exists_blobs(names)
+        unreadable = self._unreadable
+        return next((i for i, hit in enumerate(found) if not hit or names[i] in unreadable), len(found))
 
     def get_many(self, keys: Sequence[ChunkKey]) -> list[torch.Tensor | None]:
         blobs = self._read_blobs([str(key) for key in keys])
@@ -148,6 +158,17 @@ class SerializingBackend(StorageBackend):
             try:
                 results.append(decode_chunk(blob, key).tensor)
                 self.count("read_bytes", len(blob))
+            except UnsupportedEntryError as error:
+                self.count("unsupported_entries")
+                self._remember_unreadable(str(key))
+                if not self._warned_unsupported:  # in a rolling upgrade this is every lookup
+                    self._warned_unsupported = True
+                    log.warning(
+                        "tier %s: entry %s is a miss here (%s); it is left in place for the instances that "
+                        "can read it. Further ones are only counted (unsupported_entries).",
+                        self.name, key, error,
+                    )
+                results.append(None)
             except CorruptEntryError as error:
                 self.count("corrupt_entries")
                 log.warning("tier %s: entry %s is unusable (%s); deleting it", self.name, key, error)
@@ -170,6 +191,20 @@ class SerializingBackend(StorageBackend):
         if stored is None:
             stored = sum(part.nbytes for _, parts in items for part in parts)
         self.count("written_bytes", stored)
+        if self._unreadable:
+            with self._unreadable_lock:
+                for name, _ in items:
+                    self._unreadable.pop(name, None)
+
+    def _remember_unreadable(self, name: str) -> None:
+        """Stop advertising an entry we cannot read (until we overwrite it with one we can):
+        otherwise a serving engine would plan to load it on every request, fail, and never store
+        its own copy because the name is taken."""
+        with self._unreadable_lock:
+            self._unreadable[name] = None
+            self._unreadable.move_to_end(name)
+            while len(self._unreadable) > _UNREADABLE_REMEMBERED:
+                self._unreadable.popitem(last=False)
 
     def delete(self, keys: Sequence[ChunkKey]) -> int:
         return self._delete_blobs([str(key) for key in keys])

@@ -42,5 +42,13 @@ class CorruptEntryError(LMCacheError):
     """
 
 
+class UnsupportedEntryError(CorruptEntryError):
+    """A stored object in a format version or with a codec that this instance cannot read.
+
+    Also a miss, but not garbage: a newer lmcache-core, or one with another codec plugin, that
+    shares the store wrote it, so tiers leave it in place for the readers that understand it.
+    """
+
+
 class BackendUnavailableError(LMCacheError):
     """A backend cannot reach its storage (used for required tiers at start-up)."""

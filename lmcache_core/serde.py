@@ -4,7 +4,9 @@ Every object that leaves process memory (disk files, redis values, S3 objects) u
 so any instance can verify what another one wrote. Decoding checks, in order: magic, format
 version, header checksum, codec, dtype, shape, the digest of the key the reader asked for, the
 payload length and the payload checksum. Any mismatch raises :class:`CorruptEntryError`, which the
-engine turns into a cache miss. Nothing here ever unpickles.
+engine turns into a cache miss. An object in another format version or with a codec that is not
+installed raises its subclass :class:`UnsupportedEntryError`: also a miss, but tiers keep it for the
+instances that can read it (a rolling upgrade over a shared store). Nothing here ever unpickles.
 
 Header layout (little-endian, 128 bytes)::
 
@@ -25,7 +27,7 @@ import torch
 import xxhash
 
 from lmcache_core.codecs import Codec, get_codec
-from lmcache_core.errors import CorruptEntryError
+from lmcache_core.errors import CorruptEntryError, UnsupportedEntryError
 from lmcache_core.keys import ChunkKey
 
 MAGIC = b"LMC1"
@@ -34,6 +36,7 @@ HEADER_SIZE = 128
 MAX_DIMS = 6
 _FIELDS = struct.Struct("<4sHH8sBBH6III16sQQ")
 _CRC = struct.Struct("<I")
+_VERSION = struct.Struct("<H")
 
 DTYPE_CODES: dict[torch.dtype, int] = {
     torch.float32: 1,
@@ -134,13 +137,16 @@ def read_header(data: bytes | bytearray | memoryview) -> ChunkHeader:
     fields = view[: _FIELDS.size]
     if bytes(fields[:4]) != MAGIC:
         raise CorruptEntryError("not an lmcache-core object (bad magic)")
+    (version,) = _VERSION.unpack_from(view, len(MAGIC))
+    if version != FORMAT_VERSION:  # checked first: another version may lay out its header otherwise
+        raise UnsupportedEntryError(f"format version {version}; this lmcache-core reads version {FORMAT_VERSION}")
     (crc,) = _CRC.unpack_from(view, _FIELDS.size)
     if zlib.crc32(fields) != crc:
         raise CorruptEntryError("header checksum mismatch")
-    (_, version, header_size, codec, dtype_code, ndim, _, *rest) = _FIELDS.unpack(fields)
+    (_, _, header_size, codec, dtype_code, ndim, _, *rest) = _FIELDS.unpack(fields)
     shape_all, (num_tokens, chunk_index, digest, payload_len, checksum) = rest[:MAX_DIMS], rest[MAX_DIMS:]
-    if version != FORMAT_VERSION or header_size != HEADER_SIZE:
-        raise CorruptEntryError(f"unsupported format version {version}")
+    if header_size != HEADER_SIZE:
+        raise CorruptEntryError(f"header size {header_size} in a version {version} object")
     if dtype_code not in _DTYPES_BY_CODE or ndim > MAX_DIMS:
         raise CorruptEntryError("unknown dtype or rank in header")
     return ChunkHeader(
@@ -178,7 +184,7 @@ def decode_chunk(
     try:
         codec = get_codec(header.codec)
     except KeyError as exc:
-        raise CorruptEntryError(f"unknown codec {header.codec!r}") from exc
+        raise UnsupportedEntryError(f"codec {header.codec!r} is not installed here") from exc
     try:
         tensor = codec.decode(payload, header.dtype, header.shape)
     except (ValueError, RuntimeError) as exc:

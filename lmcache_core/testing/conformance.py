@@ -26,7 +26,7 @@ import torch
 
 from lmcache_core.backend import Chunk, SerializingBackend, StorageBackend
 from lmcache_core.keys import CacheScope, ChunkHasher, ChunkKey, KVLayout
-from lmcache_core.serde import encode_chunk
+from lmcache_core.serde import FORMAT_VERSION, encode_chunk
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=16, dtype="bfloat16")
 
@@ -208,3 +208,23 @@ class SerializingBackendConformance(BackendConformance):
         backend._write_blobs([(str(mine.key), [memoryview(b"not ours at all" * 20)])])
         self.settle(backend)
         assert backend.get_many([mine.key]) == [None]
+
+    def test_object_of_a_newer_format_is_a_miss_left_in_place(self, backend: SerializingBackend) -> None:
+        """Another lmcache-core version sharing the store wrote it: we cannot read it, and must not
+        delete it from under the instances that can."""
+        chunk = make_chunks(1)[0]
+        newer = bytearray(b"".join(encode_chunk(chunk.key, chunk.kv)))
+        newer[4:6] = (FORMAT_VERSION + 1).to_bytes(2, "little")
+        backend._write_blobs([(str(chunk.key), [memoryview(newer)])])
+        self.settle(backend)
+        assert backend.get_many([chunk.key]) == [None]
+        assert backend.counters["unsupported_entries"] == 1
+        assert backend.counters["corrupt_entries"] == 0
+        assert backend._read_blobs([str(chunk.key)]) == [newer]
+        # no longer advertised, or an engine would plan to load it on every request ...
+        assert backend.contains([chunk.key]) == 0
+        # ... until this instance stores its own copy, which it can read
+        backend.put_many([chunk])
+        self.settle(backend)
+        assert backend.contains([chunk.key]) == 1
+        assert_same(backend.get_many([chunk.key])[0], chunk.kv)

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from lmcache_core.backend import BackendContext, Blob, SerializingBackend
-from lmcache_core.errors import CorruptEntryError
+from lmcache_core.errors import CorruptEntryError, UnsupportedEntryError
 from lmcache_core.serde import HEADER_SIZE, read_header
 from lmcache_disk.settings import DiskSettings
 
@@ -50,21 +50,24 @@ class DiskBackend(SerializingBackend):
             if not entry.name.endswith(SUFFIX):
                 continue
             try:
+                stat = entry.stat()
                 with open(entry.path, "rb") as file:
                     header = read_header(file.read(HEADER_SIZE))
-                stat = entry.stat()
                 if stat.st_size != header.total_size:
                     raise CorruptEntryError("file size does not match its header")
+                chunk_index = header.chunk_index
             except OSError as error:
                 log.warning("disk tier: cannot read %s (%s); skipping it", entry.name, error)
                 continue
+            except UnsupportedEntryError:
+                chunk_index = 0  # another version's file: kept, and indexed so the byte budget covers it
             except CorruptEntryError as error:
                 self.count("corrupt_entries")
                 log.warning("disk tier: removing %s (%s)", entry.name, error)
                 Path(entry.path).unlink(missing_ok=True)  # or _adopt() would index it again
                 continue
             # oldest first; within one time, later chunks of a prompt go first
-            found.append((stat.st_mtime, -header.chunk_index, entry.name[: -len(SUFFIX)], stat.st_size))
+            found.append((stat.st_mtime, -chunk_index, entry.name[: -len(SUFFIX)], stat.st_size))
         for _, _, name, size in sorted(found):
             self._index[name] = size
             self._used += size

@@ -15,6 +15,7 @@ import torch
 from lmcache_core.backend import Chunk
 from lmcache_core.engine import CacheEngine
 from lmcache_core.keys import KVLayout
+from lmcache_core.serde import FORMAT_VERSION
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype="bfloat16")
 CHUNK = 16
@@ -248,6 +249,30 @@ def test_a_truncated_file_is_not_advertised_after_a_restart(make_engine: EngineF
     assert restarted.stack.backends[0].stats()["corrupt_entries"] == 1  # seen when rebuilding the index
     assert restarted.lookup(tokens) == 16
     assert bit_equal(restarted.retrieve(tokens), kv[:, :, :16])
+
+
+def test_a_newer_version_file_outlives_a_restart_and_is_never_loaded(make_engine: EngineFactory) -> None:
+    """Two lmcache-core versions over one disk directory (a rolling upgrade): the older one must
+    neither load the newer one's files nor delete them, and serves its own copy once stored."""
+    writer = make_engine("disk")
+    tokens, kv = make_tokens(64), make_kv(64)
+    writer.store(tokens, kv)
+    path = chunk_file(writer, tokens, 1)
+    writer.close()
+    newer = bytearray(path.read_bytes())
+    newer[4:6] = (FORMAT_VERSION + 1).to_bytes(2, "little")
+    path.write_bytes(bytes(newer))
+
+    restarted = make_engine("disk")
+    disk = restarted.stack.backends[0]
+    assert disk.stats().get("corrupt_entries", 0) == 0
+    assert bit_equal(restarted.retrieve(tokens), kv[:, :, :16])
+    assert disk.stats()["unsupported_entries"] == 1
+    assert path.read_bytes() == newer
+    assert restarted.lookup(tokens) == 16  # no longer advertised past the chunk it cannot read
+    assert restarted.store(tokens, kv) == 48  # so it stores its own copy of chunks 1-3
+    assert restarted.flush()
+    assert bit_equal(restarted.retrieve(tokens), kv)
 
 
 def test_a_chunk_of_the_wrong_shape_is_a_miss(make_engine: EngineFactory) -> None:

@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lmcache_core.errors import CorruptEntryError
+from lmcache_core.errors import CorruptEntryError, UnsupportedEntryError
 from lmcache_core.keys import CacheScope, ChunkHasher, KVLayout
 from lmcache_core.serde import (
     FORMAT_VERSION,
@@ -254,20 +254,36 @@ def test_object_for_another_key_is_refused() -> None:
     assert same_bits(decode_chunk(data, str(KEY)).tensor, _DECODED["raw"])  # the key string works too
 
 
-def test_unknown_codec_in_header_is_a_corrupt_entry() -> None:
+def test_codec_not_installed_here_is_an_unsupported_entry() -> None:
     header = bytearray(_ENCODED["raw"][:HEADER_SIZE])
     header[_CODEC_OFFSET : _CODEC_OFFSET + 8] = b"zstd9".ljust(8, b"\0")
     forged = bytes(reseal(header)) + _ENCODED["raw"][HEADER_SIZE:]
     assert read_header(forged).codec == "zstd9"  # the header itself is well-formed
-    with pytest.raises(CorruptEntryError, match="zstd9"):
+    with pytest.raises(UnsupportedEntryError, match="zstd9"):
         decode_chunk(forged, KEY)
 
 
-def test_other_format_version_is_a_corrupt_entry() -> None:
+def test_other_format_version_is_an_unsupported_entry_whatever_its_header_holds() -> None:
+    """A newer version may lay its header out differently, so nothing after the version field is
+    checked: not even the header checksum, which sits where version 1 puts it."""
     header = bytearray(_ENCODED["raw"][:HEADER_SIZE])
     header[4:6] = struct.pack("<H", FORMAT_VERSION + 1)
-    with pytest.raises(CorruptEntryError, match="version"):
-        decode_chunk(bytes(reseal(header)) + _ENCODED["raw"][HEADER_SIZE:], KEY)
+    header[40:] = bytes(range(HEADER_SIZE - 40))
+    with pytest.raises(UnsupportedEntryError, match=f"version {FORMAT_VERSION + 1}"):
+        decode_chunk(bytes(header) + _ENCODED["raw"][HEADER_SIZE:], KEY)
+
+
+def test_damaged_objects_are_corrupt_not_unsupported() -> None:
+    """Only another version, or a codec named under an intact header checksum, makes an object
+    unsupported (kept for other readers); damage anywhere but the version field stays a corrupt
+    entry, which tiers delete."""
+    data = _ENCODED["raw"]
+    for position in [0, *range(6, _FIELDS_SIZE + 4), HEADER_SIZE, len(data) - 1]:
+        damaged = bytearray(data)
+        damaged[position] ^= 0x01
+        with pytest.raises(CorruptEntryError) as raised:
+            decode_chunk(damaged, KEY)
+        assert not isinstance(raised.value, UnsupportedEntryError), position
 
 
 def test_checksum_can_be_skipped_only_on_request() -> None:
