@@ -181,8 +181,8 @@ class SerializingBackend(StorageBackend):
 
     def put_many(self, chunks: Sequence[Chunk]) -> None:
         """Frame (and checksum) the whole batch, then write it: the writes then go out back to back.
-        Checksumming each chunk just before writing it leaves the storage idle in between, which
-        measured slower against Redis (docs/backends-remote.md)."""
+        Checksumming each chunk just before writing it measured slower against Redis
+        (docs/backends-remote.md), most likely because the server idles between values."""
         items = [
             (str(chunk.key), encode_chunk(chunk.key, chunk.kv, codec=self.codec, chunk_index=chunk.index))
             for chunk in chunks

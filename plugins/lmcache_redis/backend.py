@@ -10,8 +10,9 @@ Why it looks the way it does:
   pipeline does, except that each value is sent as its header and payload buffers
   (``socket.sendall`` per buffer) instead of being joined into one bytes object first: a chunk is
   never copied on its way out. The base class frames the whole batch before this starts, so the
-  values go out back to back: checksumming each one just before sending it let the server drain
-  its socket and idle between values, and measured slower (docs/backends-remote.md).
+  values go out back to back: checksumming each one just before sending it measured slower
+  (docs/backends-remote.md), most likely because the server drains its socket and idles between
+  values.
 - **No copy on the way in either.** redis-py's pure-Python reply parser copies a bulk reply
   several times and hands back immutable ``bytes``, which the decoder would have to copy once more
   because ``torch.frombuffer`` needs writable memory. :func:`_writable_bulk_parser` reads large
