@@ -73,6 +73,16 @@ class Settings(BaseSettings):
     write_queue_size: int = Field(
         256, gt=0, description="Chunks queued per lower tier for background writes; overflow is dropped."
     )
+    lookup_wait_ms: int = Field(
+        20, ge=0, le=1000,
+        description="vLLM: how long the scheduler waits for the workers' lookup answer per call; a later answer "
+        "skips the request for a step and is picked up next step.",
+    )
+    lookup_deadline_ms: int = Field(
+        2000, gt=0, le=60000,
+        description="vLLM: a lookup answer later than this counts as a miss (recompute), so a slow tier never holds "
+        "a request back longer.",
+    )
     plugins: PluginSettings = Field(
         default_factory=PluginSettings, description="Which plugins load (allow, deny) and whether a failure is fatal."
     )

@@ -116,16 +116,24 @@ class TierStack:
         return [tier.backend for tier in self._tiers]
 
     def contains(self, keys: Sequence[ChunkKey]) -> int:
-        """Length of the longest prefix of ``keys`` stored across the tiers."""
+        """Length of the longest prefix of ``keys`` stored across the tiers.
+
+        Stops at the first key no tier holds, and asks a tier again only once the others have
+        found the key where it missed: each question can be a round trip to a remote tier, and
+        the scheduler's lookup waits for the answer."""
         found = 0
+        missing_from = [-1] * len(self._tiers)  # per tier: the first key it does not hold
         progress = True
         while progress and found < len(keys):
             progress = False
-            for tier in self._tiers:
+            for index, tier in enumerate(self._tiers):
+                if missing_from[index] == found:
+                    continue
                 remaining = keys[found:]
                 matched = tier.call("contains", lambda t=tier, r=remaining: t.backend.contains(r), 0)
+                found += matched
+                missing_from[index] = found
                 if matched:
-                    found += matched
                     progress = True
                     if found == len(keys):
                         break

