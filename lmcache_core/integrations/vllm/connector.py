@@ -18,14 +18,22 @@ How a request flows through it:
 4. ``wait_for_save`` (after the forward pass): gathers the completed chunks from the pages in one
    copy and hands them to the tier stack, which writes the first tier (memory) at once and the
    lower tiers (disk, remote) on background threads, so a slow tier never stalls inference.
+5. Saves that depend on a load wait for its outcome. Chunks computed in the step that loads a
+   request's hit attend to the loaded pages; if any rank's load failed they are garbage, and a
+   stored chunk is never overwritten. So the workers report each step's loads back
+   (``build_connector_worker_meta``, merged over ranks by vLLM) and the scheduler issues those
+   saves only after ``update_connector_output`` has confirmed the load, or rolls back to the first
+   failed chunk so that vLLM's recomputed chunks are the ones saved. A request that finishes in
+   the meantime keeps its pages (``request_finished`` returns True) until the workers have saved
+   them and report it through ``get_finished``.
 
 Settings are lmcache-core's ``LMCACHE_*`` variables; ``kv_connector_extra_config`` entries override
 them (same names, lower case: ``{"chunk_size": 256, "tiers": "cpu,disk"}``).
 
 Not supported (the connector then stays out of the way, it never fails a request): hybrid models
-with several KV-cache groups, multimodal prompts, LoRA requests and requests with a ``cache_salt``
-(their KV depends on more than the token ids), and vLLM CPU kernels whose cache layout fails the
-start-up probe (see :mod:`.layouts`).
+with several KV-cache groups, context parallelism, multimodal prompts, prompt embeddings, LoRA
+requests and requests with a ``cache_salt`` (their KV depends on more than the token ids), and
+vLLM CPU kernels whose cache layout fails the start-up probe (see :mod:`.layouts`).
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorWorkerMetadata,
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
@@ -63,6 +72,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 # A child of vLLM's logger, so our lines appear in vLLM's output with its format.
@@ -97,10 +107,33 @@ class Transfer:
 
 @dataclass
 class LMCacheCoreMetadata(KVConnectorMetadata):
-    """What the workers do in one step; pickled from the scheduler to every worker."""
+    """What the workers do in one step; pickled from the scheduler to every worker.
+
+    ``released``: finished requests whose pages vLLM kept for our saves (``request_finished``
+    returned True); the workers report them through ``get_finished`` once this step's saves are done.
+    """
 
     loads: list[Transfer] = field(default_factory=list)
     saves: list[Transfer] = field(default_factory=list)
+    released: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LMCacheCoreWorkerMeta(KVConnectorWorkerMetadata):
+    """What the workers report back after a step: which requests' loads ran, and for those that
+    failed, the first token that did not load. vLLM merges the reports of all ranks (``aggregate``),
+    so a failure on any rank reaches the scheduler, which alone can hold back the saves that
+    depend on it."""
+
+    loaded: set[str] = field(default_factory=set)
+    failed_from: dict[str, int] = field(default_factory=dict)
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        assert isinstance(other, LMCacheCoreWorkerMeta)
+        self.loaded |= other.loaded
+        for request_id, token in other.failed_from.items():
+            self.failed_from[request_id] = min(token, self.failed_from.get(request_id, token))
+        return self
 
 
 @dataclass
@@ -153,6 +186,20 @@ def _model_identity(vllm_config: VllmConfig) -> tuple[str, str]:
     return name, config_digest(config)
 
 
+def unsupported_reason(vllm_config: Any, kv_cache_config: Any) -> str | None:
+    """Why this vLLM configuration cannot be cached correctly (the connector then stays out of
+    the way), or None."""
+    groups = len(kv_cache_config.kv_cache_groups)
+    if groups != 1:
+        return f"the model has {groups} KV-cache groups (sliding-window or hybrid); one is supported"
+    parallel = vllm_config.parallel_config
+    for setting in ("decode_context_parallel_size", "prefill_context_parallel_size"):
+        size = getattr(parallel, setting, 1)
+        if size > 1:  # tokens are spread over ranks: our slot arithmetic assumes each rank holds all
+            return f"{setting}={size}: context parallelism is not supported yet"
+    return None
+
+
 class LMCacheCoreConnector(KVConnectorBase_V1):
     """Stores and reuses prompt-prefix KV in lmcache-core tiers (memory, disk, remote)."""
 
@@ -171,10 +218,10 @@ class LMCacheCoreConnector(KVConnectorBase_V1):
             socket_path(str(self._kv_transfer_config.engine_id), parallel.data_parallel_rank, rank)
             for rank in range(parallel.tensor_parallel_size * parallel.pipeline_parallel_size)
         ]
-        self._supported = len(kv_cache_config.kv_cache_groups) == 1
-        if not self._supported:
-            log.error("lmcache-core supports models with one KV-cache group; this one has %d: caching is off",
-                      len(kv_cache_config.kv_cache_groups))
+        reason = unsupported_reason(vllm_config, kv_cache_config)
+        self._supported = reason is None
+        if reason is not None and role == KVConnectorRole.SCHEDULER:  # one line, not one per process
+            log.error("lmcache-core: caching is off: %s", reason)
         if role == KVConnectorRole.SCHEDULER:
             self._init_scheduler(extra)
         else:
@@ -197,6 +244,7 @@ class LMCacheCoreConnector(KVConnectorBase_V1):
         self._client = LookupClient(self._lookup_paths, wait_s=wait_s, deadline_s=deadline_s)
         self._requests: dict[str, _RequestState] = {}
         self._lookups: dict[str, _Lookup] = {}
+        self._finishing: set[str] = set()  # finished requests whose pages vLLM keeps for our saves
         log.info("lmcache-core connector (scheduler): chunk_size=%d tiers=%s, workers at %s",
                  self._chunk_size, ",".join(self._settings.tiers), ", ".join(self._lookup_paths))
 
@@ -206,6 +254,8 @@ class LMCacheCoreConnector(KVConnectorBase_V1):
             and not getattr(request, "mm_features", None)
             and getattr(request, "lora_request", None) is None
             and getattr(request, "cache_salt", None) is None
+            # embedding inputs: vLLM fills prompt_token_ids with placeholders, so keys would collide
+            and getattr(request, "prompt_embeds", None) is None
         )
 
     def _lookup(self, request: Request) -> _Lookup | None:
@@ -264,45 +314,100 @@ class LMCacheCoreConnector(KVConnectorBase_V1):
             state = self._requests[request.request_id] = _RequestState(request, saved_chunks=found)
         else:  # resumed after preemption: what we saved before is still stored
             state.saved_chunks = max(state.saved_chunks, found)
+        state.computed_chunks = max(state.computed_chunks, state.saved_chunks)
         state.load_tokens = num_external_tokens
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        """Loads of this step, and the saves whose KV is known to be right.
+
+        Chunks computed in a step that loads (or while an earlier load's outcome is unknown, with
+        asynchronous scheduling) attend to the loaded pages: if any rank's load fails they are
+        garbage. Their saves wait until the workers' report reaches :meth:`update_connector_output`;
+        a finished request keeps its pages meanwhile (:meth:`request_finished`).
+        """
         meta = LMCacheCoreMetadata()
         chunk = self._chunk_size
+        for request_id in getattr(scheduler_output, "preempted_req_ids", None) or ():
+            state = self._requests.get(request_id)
+            if state is not None:  # its pages are freed: saves it held are lost, recomputed later
+                state.computed_chunks = state.saved_chunks
         for request_id, num_scheduled in scheduler_output.num_scheduled_tokens.items():
             state = self._requests.get(request_id)
-            if state is None:
+            if state is None or state.finished:
                 continue
             request = state.request
             prompt = request.prompt_token_ids or []
-            block_ids: list[int] | None = None
             if state.load_tokens:
                 end = request.num_computed_tokens
                 start = end - state.load_tokens
                 chunk_end = -(-end // chunk) * chunk
-                block_ids = self._block_ids(request_id)
-                meta.loads.append(Transfer(request_id, _tokens(prompt, chunk_end), block_ids, start, end))
+                meta.loads.append(Transfer(request_id, _tokens(prompt, chunk_end), self._block_ids(request_id),
+                                           start, end))
                 state.load_tokens = 0
-            if not self._save_enabled:
-                continue
-            ready = min(request.num_computed_tokens + num_scheduled, len(prompt)) // chunk
-            if ready > state.saved_chunks:
-                block_ids = block_ids or self._block_ids(request_id)
-                meta.saves.append(
-                    Transfer(request_id, _tokens(prompt, ready * chunk), block_ids, state.saved_chunks * chunk,
-                             ready * chunk)
-                )
-                state.saved_chunks = ready
+                state.unconfirmed_loads += 1
+            if self._save_enabled:
+                ready = min(request.num_computed_tokens + num_scheduled, len(prompt)) // chunk
+                state.computed_chunks = max(state.computed_chunks, ready)
+                self._issue_save(meta, state, None)
+        for request_id in list(self._finishing):
+            state = self._requests[request_id]
+            if state.unconfirmed_loads:
+                continue  # the outcome of its last load is still on its way
+            self._issue_save(meta, state, state.block_ids)
+            meta.released.append(request_id)
+            self._finishing.discard(request_id)
+            del self._requests[request_id]
         return meta
+
+    def _issue_save(self, meta: LMCacheCoreMetadata, state: _RequestState, block_ids: list[int] | None) -> None:
+        """Save the chunks computed but not stored yet, unless a load they depend on is unconfirmed."""
+        if state.unconfirmed_loads or state.computed_chunks <= state.saved_chunks:
+            return
+        chunk = self._chunk_size
+        request_id = state.request.request_id
+        prompt = state.request.prompt_token_ids or []
+        meta.saves.append(Transfer(
+            request_id, _tokens(prompt, state.computed_chunks * chunk),
+            block_ids if block_ids is not None else self._block_ids(request_id),
+            state.saved_chunks * chunk, state.computed_chunks * chunk,
+        ))
+        state.saved_chunks = state.computed_chunks
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        """The workers' report of a step's loads: confirm them, or roll back to the first failure so
+        that the chunks vLLM recomputes are saved (and none computed over unfilled pages is)."""
+        report = connector_output.kv_connector_worker_meta
+        if not isinstance(report, LMCacheCoreWorkerMeta):
+            return
+        for request_id in report.loaded:
+            state = self._requests.get(request_id)
+            if state is None:
+                continue
+            state.unconfirmed_loads = max(0, state.unconfirmed_loads - 1)
+            failed_from = report.failed_from.get(request_id)
+            if failed_from is not None:
+                first_bad_chunk = failed_from // self._chunk_size
+                state.saved_chunks = min(state.saved_chunks, first_bad_chunk)
+                state.computed_chunks = min(state.computed_chunks, first_bad_chunk)
 
     def _block_ids(self, request_id: str) -> list[int]:
         assert self._kv_cache_manager is not None, "vLLM binds its KV-cache manager before scheduling"
         return list(self._kv_cache_manager.get_block_ids(request_id)[0])
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        self._requests.pop(request.request_id, None)
+        """Keep the pages (True) while saves wait on a load's outcome; otherwise every save has
+        already copied its pages (saves complete within their step) and vLLM may free them now."""
         self._lookups.pop(request.request_id, None)
-        return False, None  # saves copy the pages before the step ends: vLLM may free them now
+        state = self._requests.get(request.request_id)
+        if state is None:
+            return False, None
+        if self._save_enabled and (state.unconfirmed_loads or state.computed_chunks > state.saved_chunks):
+            state.finished = True
+            state.block_ids = list(block_ids)
+            self._finishing.add(request.request_id)
+            return True, None
+        del self._requests[request.request_id]
+        return False, None
 
     # ------------------------------------------------------------------------------------------
     # Worker side
@@ -314,6 +419,8 @@ class LMCacheCoreConnector(KVConnectorBase_V1):
         self._layers: list[torch.Tensor] = []
         self._layout: PagedLayout | None = None
         self._failed_blocks: set[int] = set()
+        self._load_report = LMCacheCoreWorkerMeta()  # this step's loads, for the scheduler
+        self._released: set[str] = set()  # finished requests whose saves are done
         self._stats: Counter[str] = Counter()
         self._totals: Counter[str] = Counter()
         self._last_log = time.monotonic()
@@ -369,6 +476,7 @@ class LMCacheCoreConnector(KVConnectorBase_V1):
         assert isinstance(meta, LMCacheCoreMetadata)
         if not meta.loads:
             return
+        self._load_report.loaded.update(transfer.request_id for transfer in meta.loads)
         if self._engine is None:
             for transfer in meta.loads:  # never promised by a lookup; be safe anyway
                 self._fail(transfer, transfer.start)
@@ -417,6 +525,8 @@ class LMCacheCoreConnector(KVConnectorBase_V1):
         last_block = (transfer.end - 1) // self._block_size
         self._failed_blocks.update(transfer.block_ids[first_block : last_block + 1])
         self._stats["failed_load_tokens"] += transfer.end - from_token
+        failed = self._load_report.failed_from
+        failed[transfer.request_id] = min(from_token, failed.get(transfer.request_id, from_token))
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         """Loads complete in ``start_load_kv`` (a host-memory copy on CPU); nothing to wait for."""
@@ -427,29 +537,44 @@ class LMCacheCoreConnector(KVConnectorBase_V1):
         """Saving happens once per step in ``wait_for_save``, for all layers in one copy."""
 
     def wait_for_save(self) -> None:
-        if self._engine is None or not self.has_connector_metadata():
+        if not self.has_connector_metadata():
             return
         meta = self._get_connector_metadata()
         assert isinstance(meta, LMCacheCoreMetadata)
-        if meta.saves:
-            started = time.perf_counter()
-            chunk = self._chunk_size
-            slots = torch.cat([slots_for(t.block_ids, self._block_size, t.start, t.end) for t in meta.saves])
-            assert self._layout is not None
-            buffer = torch.empty((*self._chunk_shape[:2], len(slots), *self._chunk_shape[3:]), dtype=self._dtype)
-            copy_paged_kv(self._layers, buffer, slots, self._layout, "save")
-            chunks: list[Chunk] = []
-            position = 0
-            for transfer in meta.saves:
-                keys = self._engine.hasher.keys(transfer.tokens[: transfer.end])  # later chunks: not needed
-                for index in range(transfer.start // chunk, transfer.end // chunk):
-                    chunks.append(Chunk(keys[index], buffer[:, :, position : position + chunk], index))
-                    position += chunk
-            self._engine.stack.put_many(chunks)
-            self._stats["save_tokens"] += buffer.shape[2]
-            self._stats["save_bytes"] += buffer.nbytes
-            self._stats["save_s"] += time.perf_counter() - started
+        if meta.saves and self._engine is not None:
+            self._save(meta.saves)
+        # Saves copy the pages synchronously: the released requests' pages may be freed now.
+        self._released.update(meta.released)
         self._maybe_log()
+
+    def _save(self, saves: list[Transfer]) -> None:
+        assert self._engine is not None and self._layout is not None
+        started = time.perf_counter()
+        chunk = self._chunk_size
+        slots = torch.cat([slots_for(t.block_ids, self._block_size, t.start, t.end) for t in saves])
+        buffer = torch.empty((*self._chunk_shape[:2], len(slots), *self._chunk_shape[3:]), dtype=self._dtype)
+        copy_paged_kv(self._layers, buffer, slots, self._layout, "save")
+        chunks: list[Chunk] = []
+        position = 0
+        for transfer in saves:
+            keys = self._engine.hasher.keys(transfer.tokens[: transfer.end])  # later chunks: not needed
+            for index in range(transfer.start // chunk, transfer.end // chunk):
+                chunks.append(Chunk(keys[index], buffer[:, :, position : position + chunk], index))
+                position += chunk
+        self._engine.stack.put_many(chunks)
+        self._stats["save_tokens"] += buffer.shape[2]
+        self._stats["save_bytes"] += buffer.nbytes
+        self._stats["save_s"] += time.perf_counter() - started
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        """Requests whose pages vLLM kept for our saves (``request_finished`` returned True) and
+        whose saves are done."""
+        released, self._released = self._released, set()
+        return released or None, None
+
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        report, self._load_report = self._load_report, LMCacheCoreWorkerMeta()
+        return report if report.loaded else None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         failed, self._failed_blocks = self._failed_blocks, set()
@@ -500,7 +625,11 @@ class _Lookup:
 class _RequestState:
     request: Request
     saved_chunks: int  # prompt chunks known to be stored (found by the lookup, or saved by us)
+    computed_chunks: int = 0  # prompt chunks in the pages once the steps built so far have run
     load_tokens: int = 0  # external tokens to load in the request's next step
+    unconfirmed_loads: int = 0  # loads sent to the workers whose outcome has not come back yet
+    finished: bool = False  # vLLM finished it and keeps its pages until we release them
+    block_ids: list[int] = field(default_factory=list)  # its pages, once finished
 
 
 def _legacy_lookup_timeout(value: Any) -> float:

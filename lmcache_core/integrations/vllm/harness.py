@@ -39,6 +39,7 @@ class EngineSpec:
     max_model_len: int = 16384
     max_num_batched_tokens: int = 2048
     num_gpu_blocks_override: int | None = None
+    tensor_parallel_size: int = 1
     env: dict[str, str] = field(default_factory=dict)
     use_module_path: bool = True  # False: rely on the vllm.general_plugins entry point
 
@@ -105,6 +106,7 @@ def _child(spec_path: str, result_path: str) -> None:
         dtype="float32",
         max_model_len=spec.max_model_len,
         max_num_batched_tokens=spec.max_num_batched_tokens,
+        tensor_parallel_size=spec.tensor_parallel_size,
         enable_prefix_caching=spec.enable_prefix_caching,
         enforce_eager=True,
         disable_log_stats=False,

