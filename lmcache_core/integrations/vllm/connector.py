@@ -152,6 +152,12 @@ def _model_identity(vllm_config: VllmConfig) -> tuple[str, str]:
     return name, config_digest(config)
 
 
+def _cache_scope(vllm_config: VllmConfig, settings: Settings, layout: KVLayout, rank: int, world: int) -> CacheScope:
+    """Everything this worker's KV depends on besides the token ids (see :class:`CacheScope`)."""
+    model_name, model_digest = _model_identity(vllm_config)
+    return CacheScope(settings.namespace, model_name, model_digest, layout, rank, world)
+
+
 class LMCacheCoreConnector(KVConnectorBase_V1):
     """Stores and reuses prompt-prefix KV in lmcache-core tiers (memory, disk, remote)."""
 
@@ -330,9 +336,8 @@ class LMCacheCoreConnector(KVConnectorBase_V1):
                 return
         rank = get_pp_group().rank_in_group * parallel.tensor_parallel_size + get_tensor_model_parallel_rank()
         world = parallel.tensor_parallel_size * parallel.pipeline_parallel_size
-        model_name, model_digest = _model_identity(self._vllm_config)
         kv_layout = KVLayout(len(kv_caches), num_kv_heads, head_dim, str(dtype).removeprefix("torch."))
-        scope = CacheScope(self._settings.namespace, model_name, model_digest, kv_layout, rank, world)
+        scope = _cache_scope(self._vllm_config, self._settings, kv_layout, rank, world)
         self._engine = CacheEngine(self._settings, load_registry(), scope)
         self._layers = list(kv_caches.values())
         self._layout = layout
