@@ -56,7 +56,10 @@ def weights_identity(
     commit = hub_snapshot_commit(path)
     if commit is not None:
         return f"hf:{commit}"
-    digest = fingerprint_files(path)
+    try:
+        digest = fingerprint_files(path)
+    except OSError:  # an unreadable file must not stop the server: the caller reports that it cannot tell
+        return None
     return f"files:{digest}" if digest is not None else None
 
 

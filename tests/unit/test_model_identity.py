@@ -180,3 +180,15 @@ def test_the_revision_setting_accepts_one_word(value: str, expected: str | None)
 def test_the_revision_setting_refuses_spaces_naming_the_variable(value: str) -> None:
     with pytest.raises(SettingsError, match=r"LMCACHE_MODEL_REVISION: .*without spaces"):
         load_settings(load_registry({"LMCACHE_PLUGINS__ALLOW": "codecs,cpu"}), {"LMCACHE_MODEL_REVISION": value})
+
+
+def test_an_unreadable_weight_file_gives_no_identity_instead_of_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = checkpoint(tmp_path / "m")
+
+    def refuse(path: Any, *args: Any, **kwargs: Any) -> Any:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(model_identity, "open", refuse, raising=False)
+    assert weights_identity(str(folder)) is None
