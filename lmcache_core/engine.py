@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from lmcache_core.backend import BackendContext, Chunk, StorageBackend
+from lmcache_core.codecs import codec_accepts, get_codec
 from lmcache_core.errors import BackendUnavailableError
 from lmcache_core.keys import CacheScope, ChunkHasher, ChunkKey, KVLayout
 from lmcache_core.plugins import load_registry
@@ -57,6 +58,7 @@ def build_backends(settings: Settings, registry: Registry) -> list[StorageBacken
 
 class CacheEngine:
     def __init__(self, settings: Settings, registry: Registry, scope: CacheScope) -> None:
+        settings = codecs_for_kv(settings, scope.layout.dtype)
         self.settings = settings
         self.registry = registry
         self.scope = scope
@@ -178,3 +180,30 @@ class CacheEngine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def codecs_for_kv(settings: Settings, dtype: str) -> Settings:
+    """``settings`` with every codec that cannot encode ``dtype`` KV replaced by ``raw``.
+
+    A lossy codec over already-quantized KV (vLLM keeps ``--kv-cache-dtype fp8`` caches as uint8)
+    would corrupt every chunk, so the operator's choice yields here, with one warning that names
+    the variables; the codec itself refuses such KV too, in case a chunk gets past this.
+    """
+    refused: list[str] = []
+    updated = settings
+    if not codec_accepts(get_codec(settings.codec), dtype):
+        refused.append(f"LMCACHE_CODEC={settings.codec}")
+        updated = settings.model_copy(update={"codec": "raw"})
+    backends = {}
+    for tier in settings.tiers:
+        section = settings.backend(tier)
+        if section.codec is not None and not codec_accepts(get_codec(section.codec), dtype):
+            refused.append(f"LMCACHE_{tier.upper()}__CODEC={section.codec}")
+            section = section.model_copy(update={"codec": "raw"})
+        backends[tier] = section
+    if not refused:
+        return settings
+    updated._backends = backends
+    log.warning("%s cannot encode %s KV (already quantized, e.g. vLLM's --kv-cache-dtype fp8); "
+                "storing it with the raw codec instead", ", ".join(refused), dtype)
+    return updated

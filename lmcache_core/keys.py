@@ -59,8 +59,11 @@ class CacheScope:
     """Everything besides the tokens that a KV chunk depends on.
 
     ``model_name`` is a stable name (e.g. the served model name), not a local path;
-    ``model_digest`` is a digest of the model's config so two different checkpoints
-    published under one name do not share KV.
+    ``model_digest`` is a digest of what the model computes with (config, weights, quantization),
+    so two different checkpoints published under one name do not share KV.
+    ``kv_format`` says how KV values are encoded in ``layout.dtype`` when that dtype alone does not:
+    vLLM keeps fp8_e4m3 and fp8_e5m2 caches both as ``uint8``, with per-layer scales. ``"auto"``
+    means the dtype says it all. It is part of :meth:`identity` only, not of the readable prefix.
     """
 
     namespace: str
@@ -69,6 +72,7 @@ class CacheScope:
     layout: KVLayout
     tp_rank: int = 0
     tp_world_size: int = 1
+    kv_format: str = "auto"
 
     def identity(self) -> bytes:
         """Every field, unabridged and unambiguous: what chunk digests are seeded with."""
@@ -76,7 +80,8 @@ class CacheScope:
 
         layout = self.layout
         fields = [KEY_SCHEMA_VERSION, self.namespace, self.model_name, self.model_digest, layout.dtype,
-                  layout.num_layers, layout.num_kv_heads, layout.head_dim, self.tp_rank, self.tp_world_size]
+                  layout.num_layers, layout.num_kv_heads, layout.head_dim, self.tp_rank, self.tp_world_size,
+                  self.kv_format]
         return json.dumps(fields, ensure_ascii=False).encode()
 
     @property

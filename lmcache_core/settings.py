@@ -69,6 +69,12 @@ class Settings(BaseSettings):
         None, description="Optional secret that keys the chunk digests (tenants cannot guess keys)."
     )
     save_unfull_chunk: bool = Field(False, description="Also store the trailing partial chunk.")
+    model_revision: str | None = Field(
+        None,
+        description="Identity of the model's weights (a release tag, a commit), used in every key instead of "
+        "the fingerprint of the weight files. Instances that share a cache must set the same value; change it "
+        "whenever the weights change.",
+    )
     codec: str = Field("raw", description="Payload codec for serializing tiers: raw or fp8.")
     write_queue_size: int = Field(
         256, gt=0, description="Chunks queued per lower tier for background writes; overflow is dropped."
@@ -90,6 +96,15 @@ class Settings(BaseSettings):
     _backends: dict[str, BackendSettings] = PrivateAttr(default_factory=dict)
 
     _split_tiers = field_validator("tiers", mode="before")(split_list)
+
+    @field_validator("model_revision")
+    @classmethod
+    def _revision_is_one_word(cls, revision: str | None) -> str | None:
+        if not revision:  # an empty variable means unset
+            return None
+        if any(character.isspace() for character in revision):  # "v2" and "v2\n" would never share KV
+            raise ValueError("expected a tag or commit without spaces, e.g. v2 or 3f2a9c1")
+        return revision
 
     @field_validator("tiers")
     @classmethod

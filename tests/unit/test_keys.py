@@ -306,3 +306,21 @@ def test_a_million_tokens_hash_in_one_call(algorithm: str) -> None:
     assert len(keys) == -(-1_000_000 // 256)
     assert len(set(keys)) == len(keys)
     assert keys[:10] == h.keys(tokens[: 10 * 256])
+
+
+# --- KV format: what the dtype alone does not say ------------------------------------------------
+
+
+@pytest.mark.parametrize("algorithm", HASH_ALGORITHMS)
+def test_kv_format_changes_every_key_but_not_the_readable_prefix(algorithm: str) -> None:
+    """vLLM keeps fp8_e4m3 and fp8_e5m2 caches both as uint8: only kv_format tells them apart."""
+    fp8 = dataclasses.replace(SCOPE, layout=dataclasses.replace(LAYOUT, dtype="uint8"))
+    e4m3 = hasher(dataclasses.replace(fp8, kv_format="fp8_e4m3"), algorithm=algorithm).keys(_TOKENS)
+    e5m2 = hasher(dataclasses.replace(fp8, kv_format="fp8_e5m2"), algorithm=algorithm).keys(_TOKENS)
+    assert _disjoint(e4m3, e5m2)
+    assert {key.prefix for key in e4m3} == {key.prefix for key in e5m2} == {fp8.prefix}
+
+
+def test_kv_format_defaults_to_auto() -> None:
+    assert SCOPE.kv_format == "auto"
+    assert json.loads(SCOPE.identity())[-1] == "auto"

@@ -38,6 +38,7 @@ vLLM CPU kernels whose cache layout fails the start-up probe (see :mod:`.layouts
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import Counter
@@ -62,6 +63,7 @@ from lmcache_core.integrations.vllm.layouts import cpu_attention_isa, cpu_layout
 from lmcache_core.integrations.vllm.lookup import LookupClient, LookupServer, socket_path
 from lmcache_core.integrations.vllm.paged import PagedLayout, copy_paged_kv, slots_for
 from lmcache_core.keys import CacheScope, KVLayout, config_digest
+from lmcache_core.model_identity import weights_identity
 from lmcache_core.plugins import load_registry
 from lmcache_core.settings import Settings, load_settings
 
@@ -169,9 +171,12 @@ class LMCacheCoreStats(KVConnectorStats):
         return not any(self.data.values())
 
 
-def _model_identity(vllm_config: VllmConfig) -> tuple[str, str]:
+def _model_identity(vllm_config: VllmConfig, revision_override: str | None = None) -> tuple[str, str]:
     """A stable model name (not a local path: a restart from another folder must still hit) and a
-    digest of its config (two checkpoints published under one name must not share KV)."""
+    digest of what the model computes with: its config, its weights (:mod:`lmcache_core.model_identity`,
+    or the operator's ``LMCACHE_MODEL_REVISION``), the dtype it runs in and any online quantization.
+    Two checkpoints published under one name, or a fine-tune in a folder of the same name, must not
+    share KV."""
     model_config = vllm_config.model_config
     extra = vllm_config.kv_transfer_config.kv_connector_extra_config or {}
     name = str(extra.get("model_name") or model_config.model).rstrip("/")
@@ -183,6 +188,16 @@ def _model_identity(vllm_config: VllmConfig) -> tuple[str, str]:
         if not key.startswith("_") and key != "transformers_version"
     }
     config["revision"] = model_config.revision
+    config["dtype"] = str(model_config.dtype)
+    config["quantization"] = model_config.quantization
+    config["weights"] = weights_identity(
+        str(model_config.model), revision=model_config.revision,
+        cache_dir=vllm_config.load_config.download_dir, override=revision_override,
+    )
+    if config["weights"] is None:
+        log.warning("lmcache-core cannot identify the weights of %s (neither a folder of weight files nor a hub "
+                    "snapshot): keys cover its name, config and revision only; set LMCACHE_MODEL_REVISION and "
+                    "change it whenever the weights change", model_config.model)
     return name, config_digest(config)
 
 
@@ -198,6 +213,36 @@ def unsupported_reason(vllm_config: Any, kv_cache_config: Any) -> str | None:
         if size > 1:  # tokens are spread over ranks: our slot arithmetic assumes each rank holds all
             return f"{setting}={size}: context parallelism is not supported yet"
     return None
+
+
+def _kv_format(vllm_config: VllmConfig) -> str:
+    """How vLLM encodes KV values beyond their dtype: ``--kv-cache-dtype`` (fp8_e4m3 and fp8_e5m2
+    caches are both uint8), the layers it leaves unquantized, and the per-layer K/V scales that
+    quantized caches are written with. ``"auto"`` when the cache keeps the model's dtype."""
+    cache_config = vllm_config.cache_config
+    cache_dtype = str(cache_config.cache_dtype)
+    skipped = sorted(getattr(cache_config, "kv_cache_dtype_skip_layers", None) or [])
+    if cache_dtype == "auto" and not skipped:
+        return "auto"
+    parts = [cache_dtype]
+    if skipped:
+        parts.append("skip=" + ",".join(skipped))
+    layers = vllm_config.compilation_config.static_forward_context
+    scales = sorted(
+        (name, float(layer._k_scale_float), float(layer._v_scale_float))
+        for name, layer in layers.items()
+        if hasattr(layer, "_k_scale_float") and hasattr(layer, "_v_scale_float")
+    )
+    if scales:
+        parts.append("scales=" + config_digest(json.dumps(scales)))
+    return ";".join(parts)
+
+
+def _cache_scope(vllm_config: VllmConfig, settings: Settings, layout: KVLayout, rank: int, world: int) -> CacheScope:
+    """Everything this worker's KV depends on besides the token ids (see :class:`CacheScope`)."""
+    model_name, model_digest = _model_identity(vllm_config, settings.model_revision)
+    kv_format = _kv_format(vllm_config)
+    return CacheScope(settings.namespace, model_name, model_digest, layout, rank, world, kv_format=kv_format)
 
 
 class LMCacheCoreConnector(KVConnectorBase_V1):
@@ -448,9 +493,8 @@ class LMCacheCoreConnector(KVConnectorBase_V1):
                 return
         rank = get_pp_group().rank_in_group * parallel.tensor_parallel_size + get_tensor_model_parallel_rank()
         world = parallel.tensor_parallel_size * parallel.pipeline_parallel_size
-        model_name, model_digest = _model_identity(self._vllm_config)
         kv_layout = KVLayout(len(kv_caches), num_kv_heads, head_dim, str(dtype).removeprefix("torch."))
-        scope = CacheScope(self._settings.namespace, model_name, model_digest, kv_layout, rank, world)
+        scope = _cache_scope(self._vllm_config, self._settings, kv_layout, rank, world)
         self._engine = CacheEngine(self._settings, load_registry(), scope)
         self._layers = list(kv_caches.values())
         self._layout = layout
