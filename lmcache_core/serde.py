@@ -4,18 +4,18 @@ Every object that leaves process memory (disk files, redis values, S3 objects) u
 so any instance can verify what another one wrote. Decoding checks, in order: magic, format
 version, header checksum, codec, dtype, shape, the digest of the key the reader asked for, the
 payload length and the payload checksum. Any mismatch raises :class:`CorruptEntryError`, which the
-engine turns into a cache miss.
+engine turns into a cache miss. An object in another format version or with a codec that is not
+installed raises its subclass :class:`UnsupportedEntryError`: also a miss, but tiers keep it for the
+instances that can read it (a rolling upgrade over a shared store). Nothing here ever unpickles.
 
 The digest and the checksums are unkeyed: they catch damage and misplaced objects, not someone who
 can write the store. With ``LMCACHE_KEY_SECRET`` set, writers also put a keyed BLAKE3 MAC over the
 header and the payload into the header, and readers given the MAC key (:func:`derive_mac_key`)
 accept only objects whose MAC matches: anything else raises :class:`ForgedEntryError`, a miss too.
 The MAC then replaces the payload checksum on reads, so the payload is hashed once. Readers without
-a secret ignore the MAC (they have nothing to check it with), which is also what readers from
-before the MAC existed do: it lives in header space they never read, so the format version is
-still 1 and old and new instances keep sharing a store. An object in another format version or with a codec that is not
-installed raises its subclass :class:`UnsupportedEntryError`: also a miss, but tiers keep it for the
-instances that can read it (a rolling upgrade over a shared store). Nothing here ever unpickles.
+a secret ignore the MAC (they have nothing to check it with), as do readers from before the MAC
+existed: it lives in header space they never read, so the format version is still 1 and old and
+new instances keep sharing a store (docs/security.md).
 
 Header layout (little-endian, 128 bytes)::
 
@@ -220,8 +220,8 @@ def decode_chunk(
 
     With ``mac_key`` only objects authenticated under that key decode; the MAC check also covers
     the payload, so the checksum is then not computed. ``verify_checksum=False`` skips the
-    checksum (never the MAC). Writable buffers (``bytearray``) are decoded without a copy for the raw codec; the
-    returned tensor then shares their memory.
+    checksum (never the MAC). Writable buffers (``bytearray``) are decoded without a copy for the
+    raw codec; the returned tensor then shares their memory.
     """
     header = read_header(data)
     if header.key_digest != key_digest(expected_key):
