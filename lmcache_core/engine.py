@@ -24,6 +24,7 @@ from lmcache_core.errors import BackendUnavailableError
 from lmcache_core.keys import CacheScope, ChunkHasher, ChunkKey, KVLayout
 from lmcache_core.plugins import load_registry
 from lmcache_core.registry import Registry
+from lmcache_core.serde import derive_mac_key
 from lmcache_core.settings import Settings, load_settings, redact
 from lmcache_core.storage import TierStack
 
@@ -34,13 +35,17 @@ def build_backends(settings: Settings, registry: Registry) -> list[StorageBacken
     """Instantiate the configured tiers, fastest first.
 
     An unreachable tier is kept (the stack skips it until it answers) unless its settings say
-    ``required``, in which case start-up fails with the tier's URL, secrets redacted.
+    ``required``, in which case start-up fails with the tier's URL, secrets redacted. With a key
+    secret, every tier gets the object MAC key in its context (byte tiers authenticate with it).
     """
+    secret = settings.key_secret.get_secret_value() if settings.key_secret else None
+    mac_key = derive_mac_key(secret) if secret else None
     backends: list[StorageBackend] = []
     for name in settings.tiers:
         backend_class = registry.backend_class(name)
         backend_settings = settings.backend(name)
-        backend = backend_class(backend_settings, BackendContext(tier_name=name, default_codec=settings.codec))
+        context = BackendContext(tier_name=name, default_codec=settings.codec, mac_key=mac_key)
+        backend = backend_class(backend_settings, context)
         try:
             backend.check_health()
         except Exception as error:

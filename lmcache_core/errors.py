@@ -50,5 +50,13 @@ class UnsupportedEntryError(CorruptEntryError):
     """
 
 
+class ForgedEntryError(CorruptEntryError):
+    """With ``LMCACHE_KEY_SECRET`` set: a well-formed object without a valid MAC under that secret.
+
+    Someone who can write the store but does not hold the secret put it there (or an instance
+    without the secret, or from before objects carried a MAC). A miss, counted apart from damage.
+    """
+
+
 class BackendUnavailableError(LMCacheError):
     """A backend cannot reach its storage (used for required tiers at start-up)."""

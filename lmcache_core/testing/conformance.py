@@ -20,13 +20,14 @@ A backend that knowingly deviates marks one test at a time, with a reason::
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 import pytest
 import torch
 
 from lmcache_core.backend import Chunk, SerializingBackend, StorageBackend
 from lmcache_core.keys import CacheScope, ChunkHasher, ChunkKey, KVLayout
-from lmcache_core.serde import FORMAT_VERSION, encode_chunk
+from lmcache_core.serde import FORMAT_VERSION, derive_mac_key, encode_chunk
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=16, dtype="bfloat16")
 
@@ -228,3 +229,17 @@ class SerializingBackendConformance(BackendConformance):
         self.settle(backend)
         assert backend.contains([chunk.key]) == 1
         assert_same(backend.get_many([chunk.key])[0], chunk.kv)
+
+    def test_forged_object_is_a_miss_under_a_key_secret(self, backend: SerializingBackend) -> None:
+        """With LMCACHE_KEY_SECRET the core hands the backend a MAC key in its context; objects
+        without a valid MAC (written by someone who can write the store but lacks the secret) are
+        misses, removed, and the backend's own writes are authenticated."""
+        backend.context = replace(backend.context, mac_key=derive_mac_key("conformance secret"))
+        mine, forged = make_chunks(2)
+        backend.put_many([mine])
+        backend._write_blobs([(str(forged.key), encode_chunk(forged.key, forged.kv))])  # well-formed, no MAC
+        self.settle(backend)
+        assert_same(backend.get_many([mine.key])[0], mine.kv)
+        assert backend.get_many([forged.key]) == [None]
+        assert backend.counters["forged_entries"] == 1
+        assert backend._read_blobs([str(forged.key)]) == [None]

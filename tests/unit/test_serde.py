@@ -6,18 +6,22 @@ from __future__ import annotations
 import struct
 import zlib
 
+import blake3
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lmcache_core.errors import CorruptEntryError, UnsupportedEntryError
+from lmcache_core.backend import BackendContext
+from lmcache_core.errors import CorruptEntryError, ForgedEntryError, UnsupportedEntryError
 from lmcache_core.keys import CacheScope, ChunkHasher, KVLayout
 from lmcache_core.serde import (
     FORMAT_VERSION,
     HEADER_SIZE,
+    MAC_SIZE,
     MAGIC,
     decode_chunk,
+    derive_mac_key,
     encode_chunk,
     encode_to_bytes,
     read_header,
@@ -292,3 +296,102 @@ def test_checksum_can_be_skipped_only_on_request() -> None:
     with pytest.raises(CorruptEntryError, match="checksum"):
         decode_chunk(damaged, KEY)
     assert decode_chunk(damaged, KEY, verify_checksum=False).tensor.shape == _DECODED["raw"].shape
+
+
+# --- authenticated objects (LMCACHE_KEY_SECRET) -------------------------------------------------
+
+MAC_KEY = derive_mac_key("serde-test-secret")
+_FLAGS_OFFSET = struct.calcsize("<4sHH8sBB")  # the former reserved field
+_CHUNK_INDEX_OFFSET = struct.calcsize("<4sHH8sBBH6II")
+_ENCODED_PLAIN = encode_to_bytes(KEY, random_kv())
+
+
+def test_authenticated_round_trip_is_bit_exact_and_carries_its_mac() -> None:
+    kv = random_kv()
+    data = encode_to_bytes(KEY, kv, mac_key=MAC_KEY)
+    header = read_header(data)
+    assert header.mac is not None and len(header.mac) == MAC_SIZE and any(header.mac)
+    assert read_header(_ENCODED["raw"]).mac is None
+    assert same_bits(decode_chunk(data, KEY, mac_key=MAC_KEY).tensor, kv)
+
+
+def test_readers_without_a_secret_still_verify_and_read_authenticated_objects() -> None:
+    """The MAC lives in header space that version-1 readers never read: same format version, and
+    the payload checksum is still written for readers that cannot check the MAC."""
+    kv = random_kv()
+    data = encode_to_bytes(KEY, kv, mac_key=MAC_KEY)
+    assert struct.unpack_from("<H", data, 4)[0] == FORMAT_VERSION == 1
+    assert data[:_FLAGS_OFFSET] == _ENCODED_PLAIN[:_FLAGS_OFFSET]
+    assert same_bits(decode_chunk(data, KEY).tensor, kv)
+    damaged = bytearray(data)
+    damaged[-1] ^= 0x01
+    with pytest.raises(CorruptEntryError, match="checksum"):
+        decode_chunk(damaged, KEY)
+
+
+def test_unauthenticated_object_is_forged_when_a_secret_is_set() -> None:
+    with pytest.raises(ForgedEntryError, match="no MAC"):
+        decode_chunk(_ENCODED_PLAIN, KEY, mac_key=MAC_KEY)
+
+
+def test_object_authenticated_under_another_secret_is_forged() -> None:
+    data = encode_to_bytes(KEY, random_kv(), mac_key=derive_mac_key("another tenant's secret"))
+    with pytest.raises(ForgedEntryError, match="MAC does not match"):
+        decode_chunk(data, KEY, mac_key=MAC_KEY)
+
+
+def test_forged_mac_over_edited_header_fields_is_refused() -> None:
+    """Someone without the secret edits a field and fixes the CRC, as for unkeyed objects."""
+    kv = random_kv()
+    data = bytearray(encode_to_bytes(KEY, kv, mac_key=MAC_KEY, chunk_index=1))
+    data[_CHUNK_INDEX_OFFSET : _CHUNK_INDEX_OFFSET + 4] = struct.pack("<I", 0)  # claim to be the first chunk
+    forged = bytes(reseal(data[:HEADER_SIZE])) + bytes(data[HEADER_SIZE:])
+    read_header(forged)  # well-formed
+    with pytest.raises(ForgedEntryError):
+        decode_chunk(forged, KEY, mac_key=MAC_KEY)
+
+
+def test_damage_under_a_secret_is_corrupt_not_forged() -> None:
+    """A flipped payload bit also breaks the checksum: counted as damage, not as an attack."""
+    damaged = bytearray(encode_to_bytes(KEY, random_kv(), mac_key=MAC_KEY))
+    damaged[HEADER_SIZE + 3] ^= 0x10
+    with pytest.raises(CorruptEntryError, match="checksum") as raised:
+        decode_chunk(damaged, KEY, mac_key=MAC_KEY)
+    assert not isinstance(raised.value, ForgedEntryError)
+
+
+def test_every_byte_of_an_authenticated_object_is_protected() -> None:
+    """With a secret even the zero padding and the MAC itself are covered: no byte can change."""
+    data = encode_to_bytes(KEY, random_kv(), codec="fp8", mac_key=MAC_KEY)
+    for position in range(len(data)):
+        damaged = bytearray(data)
+        damaged[position] ^= 0x80
+        with pytest.raises(CorruptEntryError):
+            decode_chunk(damaged, KEY, mac_key=MAC_KEY)
+
+
+def test_the_mac_is_checked_even_when_the_checksum_is_skipped() -> None:
+    with pytest.raises(ForgedEntryError):
+        decode_chunk(_ENCODED_PLAIN, KEY, mac_key=MAC_KEY, verify_checksum=False)
+
+
+def test_unknown_header_flags_are_an_unsupported_entry() -> None:
+    header = bytearray(_ENCODED_PLAIN[:HEADER_SIZE])
+    header[_FLAGS_OFFSET : _FLAGS_OFFSET + 2] = struct.pack("<H", 0x0002)
+    with pytest.raises(UnsupportedEntryError, match="flags"):
+        decode_chunk(bytes(reseal(header)) + _ENCODED_PLAIN[HEADER_SIZE:], KEY)
+
+
+def test_mac_key_is_its_own_derivation_of_the_secret() -> None:
+    """Neither the secret nor the key-hashing key (keys.py: a plain BLAKE3 hash of the secret)."""
+    secret = b"serde-test-secret"
+    assert derive_mac_key(secret) == MAC_KEY and len(MAC_KEY) == 32
+    assert MAC_KEY not in (secret, blake3.blake3(secret).digest())
+    assert derive_mac_key(b"another") != MAC_KEY
+    with pytest.raises(ValueError, match="32 bytes"):
+        encode_chunk(KEY, random_kv(), mac_key=b"too short")
+
+
+def test_backend_context_never_shows_the_mac_key() -> None:
+    context = BackendContext("disk", "raw", mac_key=MAC_KEY)
+    assert MAC_KEY.hex() not in repr(context) and repr(MAC_KEY) not in repr(context)
