@@ -122,6 +122,7 @@ class FlakyBackend(CpuBackend):
     def __init__(self) -> None:
         super().__init__(CpuSettings(max_size=100 * CHUNK_BYTES), BackendContext("flaky", "raw"))
         self.failing = False
+        self.failing_writes = False  # a full or read-only disk: writes fail, reads work
         self.calls = 0
 
     def _maybe_fail(self) -> None:
@@ -139,6 +140,8 @@ class FlakyBackend(CpuBackend):
 
     def put_many(self, chunks):  # type: ignore[no-untyped-def]
         self._maybe_fail()
+        if self.failing_writes:
+            raise OSError(28, "No space left on device")
         super().put_many(chunks)
 
 
@@ -217,6 +220,31 @@ def test_writes_to_a_tier_in_backoff_are_dropped_and_counted(stacks: list[TierSt
     assert stack.stats()["flaky"]["dropped_writes"] == 4
     flaky.failing = False
     assert flaky.contains(keys_of(chunks)) == 0
+
+
+def test_a_failed_write_pauses_only_writes_and_reads_are_still_served(
+    stacks: list[TierStack], clock: FakeClock
+) -> None:
+    upper, flaky = cpu("upper"), FlakyBackend()
+    stack = make_stack(stacks, upper, flaky)
+    stored = make_chunks(3, seed=1)
+    flaky.put_many(stored)
+    flaky.failing_writes = True
+    new = make_chunks(2, seed=2, namespace="new")
+    stack.put_many(new)
+    assert stack.flush()
+    assert stack.contains(keys_of(stored)) == 3  # the lower tier still answers reads
+    assert len(stack.get_prefix(keys_of(stored))) == 3
+    stats = stack.stats()["flaky"]
+    assert stats["errors"] == 1 and stats["writes_healthy"] == 0.0 and stats["healthy"] == 1.0
+    stack.put_many(make_chunks(2, seed=3, namespace="later"))
+    assert stack.flush()
+    assert stack.stats()["flaky"]["dropped_writes"] == 2  # writes wait out the backoff
+    clock.advance(1.01)
+    flaky.failing_writes = False
+    stack.put_many(new)
+    assert stack.flush()
+    assert flaky.contains(keys_of(new)) == 2 and stack.stats()["flaky"]["writes_healthy"] == 1.0
 
 
 def test_a_failing_first_tier_does_not_hide_the_lower_tiers(stacks: list[TierStack], clock: FakeClock) -> None:
