@@ -73,7 +73,11 @@ class CacheEngine:
             algorithm=settings.hash_algorithm,
             secret=settings.key_secret.get_secret_value().encode() if settings.key_secret else None,
         )
-        self.stack = TierStack(build_backends(settings, registry), write_queue_size=settings.write_queue_size)
+        self.stack = TierStack(
+            build_backends(settings, registry),
+            write_queue_size=settings.write_queue_size,
+            write_queue_max_bytes=settings.write_queue_max_bytes,
+        )
 
     @classmethod
     def from_env(

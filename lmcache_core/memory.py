@@ -5,6 +5,9 @@ Accounting follows the real lifetime of the memory: a buffer returns its bytes t
 the last reference to its tensor is dropped, not when a tier evicts it. A chunk being copied into
 a KV cache therefore keeps its memory (and its bytes in the budget) until the copy is done:
 eviction can never free memory that is in use.
+
+An owner that hands out :func:`lend` views of its buffers can ask :func:`in_use_elsewhere` before
+evicting one: evicting a buffer someone still holds frees nothing, it only loses the entry.
 """
 
 from __future__ import annotations
@@ -49,3 +52,18 @@ class MemoryPool:
     def _release(self, nbytes: int) -> None:
         with self._lock:
             self._used -= nbytes
+
+
+def lend(buffer: torch.Tensor) -> torch.Tensor:
+    """A view of ``buffer`` to hand out: it keeps the buffer's memory (and its bytes in the pool)
+    alive for as long as the caller holds it, and :func:`in_use_elsewhere` sees it."""
+    return buffer.view(buffer.shape)
+
+
+def in_use_elsewhere(buffer: torch.Tensor) -> bool:
+    """Whether a view of ``buffer`` (one from :func:`lend`, or any view of that) is still alive.
+
+    Every view holds a reference to its base's tensor implementation, so its use count is above
+    one exactly while a view lives; plain Python references to ``buffer`` itself are the owner's.
+    """
+    return buffer._use_count() > 1

@@ -20,7 +20,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from lmcache_core.backend import BackendSettings
@@ -77,7 +77,13 @@ class Settings(BaseSettings):
     )
     codec: str = Field("raw", description="Payload codec for serializing tiers: raw or fp8.")
     write_queue_size: int = Field(
-        256, gt=0, description="Chunks queued per lower tier for background writes; overflow is dropped."
+        256, gt=0, description="Batches queued per lower tier for background writes; overflow is dropped."
+    )
+    write_queue_max_bytes: ByteSize = Field(
+        ByteSize(1024**3),
+        gt=0,
+        description="KV bytes that background writes to all lower tiers may hold at once, copies included, on top "
+        "of the cpu tier's max_size; writes beyond it are dropped and counted (dropped_writes).",
     )
     lookup_wait_ms: int = Field(
         20, ge=0, le=1000,

@@ -1,13 +1,17 @@
 """The tier stack: backends ordered fastest first, with write-through, promotion and fault isolation.
 
-- Writes go to the first tier synchronously and to each lower tier through its own bounded queue
-  and background thread. A full queue drops the write and counts it: inference never waits on a
-  slow tier.
+- Writes go to the first tier synchronously and to each lower tier through its own queue and
+  background thread. What the queues hold is bounded in bytes, across all lower tiers together
+  (``write_queue_max_bytes``), including the host copies made for them; a write over the budget
+  (or over ``write_queue_size`` batches in one tier's queue) is dropped and counted: inference
+  never waits on a slow tier, and a slow tier never holds more memory than the budget.
 - Reads look in each tier for what the upper tiers missed; a hit in a lower tier is promoted into
   the tiers above it.
 - A tier that raises is logged, counted and put on a backoff (1 s doubling to 30 s) during which
-  it is skipped; calls on it are misses. The next call after the backoff tries it again, so a
-  restarted server is picked up without a restart of ours.
+  it is skipped; calls on it are misses. A failed write (put, delete) pauses only the tier's
+  writes: a full or read-only disk keeps serving what it has. A failed read pauses the whole
+  tier (it looks unreachable). The next call after the backoff tries it again, so a restarted
+  server is picked up without a restart of ours.
 """
 
 from __future__ import annotations
@@ -29,6 +33,66 @@ T = TypeVar("T")
 
 _BACKOFF_START_S = 1.0
 _BACKOFF_MAX_S = 30.0
+DEFAULT_WRITE_QUEUE_MAX_BYTES = 1024**3
+_WRITE_OPERATIONS = frozenset({"put", "delete"})
+
+
+class _Backoff:
+    """Consecutive failures of one kind of call and until when to skip that kind."""
+
+    def __init__(self) -> None:
+        self.failures = 0
+        self.skip_until = 0.0
+
+    @property
+    def active(self) -> bool:
+        return time.monotonic() < self.skip_until
+
+    def failed(self) -> float:
+        self.failures += 1
+        seconds = min(_BACKOFF_START_S * 2 ** (self.failures - 1), _BACKOFF_MAX_S)
+        self.skip_until = time.monotonic() + seconds
+        return seconds
+
+
+class _WriteBudget:
+    """Bytes that background writes may hold at once, shared by every lower tier of a stack."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = int(max_bytes)
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def reserve(self, nbytes: int) -> bool:
+        with self._lock:
+            if self.used + nbytes > self.max_bytes:
+                return False
+            self.used += nbytes
+            return True
+
+    def release(self, nbytes: int) -> None:
+        with self._lock:
+            self.used -= nbytes
+
+
+class _QueuedWrite:
+    """One batch on its way to one or more lower tiers; its bytes return to the budget when the
+    last of them is done with it (written or dropped), which is also when its tensors can go."""
+
+    def __init__(self, chunks: list[Chunk], nbytes: int, budget: _WriteBudget, tiers: int) -> None:
+        self.chunks = chunks
+        self._nbytes = nbytes
+        self._budget = budget
+        self._pending = tiers
+        self._lock = threading.Lock()
+
+    def done(self) -> None:
+        with self._lock:
+            self._pending -= 1
+            last = self._pending == 0
+        if last:
+            self.chunks = []
+            self._budget.release(self._nbytes)
 
 
 class _Tier:
@@ -37,11 +101,11 @@ class _Tier:
     def __init__(self, backend: StorageBackend, queue_size: int | None) -> None:
         self.backend = backend
         self.name = backend.name
-        self.failures = 0
-        self.skip_until = 0.0
         self.errors = 0
         self.dropped_writes = 0
-        self.queue: queue.Queue[list[Chunk] | None] | None = None
+        self._reads = _Backoff()
+        self._writes = _Backoff()
+        self.queue: queue.Queue[_QueuedWrite | None] | None = None
         self.worker: threading.Thread | None = None
         if queue_size is not None:
             self.queue = queue.Queue(maxsize=queue_size)
@@ -50,47 +114,55 @@ class _Tier:
 
     @property
     def healthy(self) -> bool:
-        return time.monotonic() >= self.skip_until
+        """Whether reads are tried (writes may still be paused: see :attr:`accepts_writes`)."""
+        return not self._reads.active
+
+    @property
+    def accepts_writes(self) -> bool:
+        return not self._reads.active and not self._writes.active
 
     def call(self, operation: str, function: Callable[[], T], default: T) -> T:
-        if not self.healthy:
+        is_write = operation in _WRITE_OPERATIONS
+        backoff = self._writes if is_write else self._reads
+        if not (self.accepts_writes if is_write else self.healthy):
             return default
         try:
             result = function()
         except Exception as error:
             self.errors += 1
-            self.failures += 1
-            backoff = min(_BACKOFF_START_S * 2 ** (self.failures - 1), _BACKOFF_MAX_S)
-            self.skip_until = time.monotonic() + backoff
+            seconds = backoff.failed()
             log.warning(
-                "tier %s: %s failed (%s: %s); skipping it for %.0f s", self.name, operation,
-                type(error).__name__, error, backoff,
+                "tier %s: %s failed (%s: %s); skipping its %s for %.0f s", self.name, operation,
+                type(error).__name__, error, "writes" if is_write else "calls", seconds,
             )
             return default
-        if self.failures:
+        if backoff.failures:
             log.info("tier %s is answering again", self.name)
-            self.failures = 0
+            backoff.failures = 0
         return result
 
-    def enqueue(self, chunks: list[Chunk]) -> None:
+    def enqueue(self, write: _QueuedWrite) -> None:
         assert self.queue is not None
         try:
-            self.queue.put_nowait(chunks)
+            self.queue.put_nowait(write)
         except queue.Full:
-            self.dropped_writes += len(chunks)
+            self.dropped_writes += len(write.chunks)
+            write.done()
 
     def _drain(self) -> None:
         assert self.queue is not None
         while True:
-            chunks = self.queue.get()
+            write = self.queue.get()
             try:
-                if chunks is None:
+                if write is None:
                     return
-                if self.healthy:
-                    self.call("put", lambda c=chunks: self.backend.put_many(c), None)
+                if self.accepts_writes:
+                    self.call("put", lambda c=write.chunks: self.backend.put_many(c), None)
                 else:
-                    self.dropped_writes += len(chunks)
+                    self.dropped_writes += len(write.chunks)
             finally:
+                if write is not None:
+                    write.done()
                 self.queue.task_done()
 
     def close(self) -> None:
@@ -103,12 +175,18 @@ class _Tier:
 class TierStack:
     """Batch-first access to all tiers as if they were one store."""
 
-    def __init__(self, backends: Sequence[StorageBackend], write_queue_size: int = 256) -> None:
+    def __init__(
+        self,
+        backends: Sequence[StorageBackend],
+        write_queue_size: int = 256,
+        write_queue_max_bytes: int = DEFAULT_WRITE_QUEUE_MAX_BYTES,
+    ) -> None:
         if not backends:
             raise ValueError("a tier stack needs at least one backend")
         self._tiers = [
             _Tier(backend, None if index == 0 else write_queue_size) for index, backend in enumerate(backends)
         ]
+        self._write_budget = _WriteBudget(write_queue_max_bytes)
         self.hits_by_tier: dict[str, int] = {tier.name: 0 for tier in self._tiers}
 
     @property
@@ -181,12 +259,31 @@ class TierStack:
             return
         first = self._tiers[0]
         first.call("put", lambda: first.backend.put_many(chunks), None)
-        if len(self._tiers) > 1:
-            self._enqueue(self._stable_copies(chunks), self._tiers[1:])
+        lower = self._tiers[1:]
+        if lower:
+            nbytes = self._reserve(chunks, lower)
+            if nbytes is not None:
+                self._enqueue(self._stable_copies(chunks), lower, nbytes)
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes of KV the background writes hold now (at most ``write_queue_max_bytes``)."""
+        return self._write_budget.used
+
+    def _reserve(self, chunks: list[Chunk], tiers: Sequence[_Tier]) -> int | None:
+        """Reserve the bytes of a background write before any copy is made for it; ``None``
+        (and the write dropped and counted in each tier) when the budget has no room."""
+        nbytes = sum(chunk.kv.nbytes for chunk in chunks)
+        if self._write_budget.reserve(nbytes):
+            return nbytes
+        for tier in tiers:
+            tier.dropped_writes += len(chunks)
+        return None
 
     def _stable_copies(self, chunks: list[Chunk]) -> list[Chunk]:
-        """Chunks whose tensors only the stack holds: the first tier's own copies where it keeps
-        tensors in memory (no second copy), otherwise fresh host copies."""
+        """Chunks whose tensors nobody else writes: views of the first tier's own copies where it
+        keeps tensors in memory (no second copy; the views also keep it from evicting them while
+        queued), otherwise fresh host copies. The write budget counts them either way."""
         first = self._tiers[0]
         if not isinstance(first.backend, SerializingBackend):
             held = first.call("get", lambda: first.backend.get_many([c.key for c in chunks]), [])
@@ -200,12 +297,16 @@ class TierStack:
             return
         first = self._tiers[0]
         first.call("put", lambda: first.backend.put_many(chunks), None)
-        self._enqueue(chunks, self._tiers[1:upto])
+        between = self._tiers[1:upto]
+        if between:
+            nbytes = self._reserve(chunks, between)
+            if nbytes is not None:
+                self._enqueue(chunks, between, nbytes)
 
-    @staticmethod
-    def _enqueue(chunks: list[Chunk], tiers: Sequence[_Tier]) -> None:
+    def _enqueue(self, chunks: list[Chunk], tiers: Sequence[_Tier], nbytes: int) -> None:
+        write = _QueuedWrite(chunks, nbytes, self._write_budget, len(tiers))
         for tier in tiers:
-            tier.enqueue(chunks)
+            tier.enqueue(write)
 
     def delete(self, keys: Sequence[ChunkKey]) -> int:
         return sum(tier.call("delete", lambda t=tier: t.backend.delete(keys), 0) for tier in self._tiers)
@@ -232,6 +333,7 @@ class TierStack:
                 "errors": tier.errors,
                 "dropped_writes": tier.dropped_writes,
                 "healthy": float(tier.healthy),
+                "writes_healthy": float(tier.accepts_writes),
             }
         return report
 

@@ -3,11 +3,14 @@
 Eviction is LRU by bytes and prefix-aware: within a batch the chunks are touched from last to
 first, so a prompt's first chunk is always more recent than its tail and the tail goes first. A
 cache that evicted the start of a prefix would keep chunks nobody can reach.
+
+Reads hand out views (:func:`~lmcache_core.memory.lend`). An entry whose memory is still held by a
+reader or by a lower tier's write queue is never evicted: it would free no memory, only empty the
+tier. When nothing evictable is left the new chunk is dropped and counted (``dropped_no_room``).
 """
 
 from __future__ import annotations
 
-import math
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -16,7 +19,7 @@ import torch
 
 from lmcache_core.backend import BackendContext, Chunk, StorageBackend
 from lmcache_core.keys import ChunkKey
-from lmcache_core.memory import MemoryPool
+from lmcache_core.memory import MemoryPool, in_use_elsewhere, lend
 from lmcache_cpu.settings import CpuSettings
 
 
@@ -40,34 +43,42 @@ class CpuBackend(StorageBackend):
                 if tensor is not None:
                     self._entries.move_to_end(key)
         self.count("read_bytes", sum(t.nbytes for t in found if t is not None))
-        return found
+        return [None if tensor is None else lend(tensor) for tensor in found]
 
     def put_many(self, chunks: Sequence[Chunk]) -> None:
         for chunk in reversed(chunks):
-            with self._lock:
-                if chunk.key in self._entries:
-                    self._entries.move_to_end(chunk.key)
-                    continue
-            buffer = self._allocate(tuple(chunk.kv.shape), chunk.kv.dtype)
-            if buffer is None:
-                self.count("dropped_too_large")
-                continue
-            buffer.copy_(chunk.kv)
-            with self._lock:
-                self._entries[chunk.key] = buffer
-            self.count("written_bytes", buffer.nbytes)
+            self._put(chunk)
+
+    def _put(self, chunk: Chunk) -> None:
+        """One chunk; a method of its own so no local reference to a buffer outlives it (a
+        reference the eviction check cannot see would make evicting that buffer free nothing)."""
+        with self._lock:
+            if chunk.key in self._entries:
+                self._entries.move_to_end(chunk.key)
+                return
+        if chunk.kv.nbytes > self.pool.capacity:
+            self.count("dropped_too_large")  # can never fit: evict nothing for it
+            return
+        buffer = self._allocate(tuple(chunk.kv.shape), chunk.kv.dtype)
+        if buffer is None:
+            self.count("dropped_no_room")
+            return
+        buffer.copy_(chunk.kv)
+        with self._lock:
+            self._entries[chunk.key] = buffer
+        self.count("written_bytes", buffer.nbytes)
 
     def _allocate(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
-        if math.prod(shape) * dtype.itemsize > self.pool.capacity:
-            return None  # can never fit: do not evict anything for it
+        """A buffer from the pool, evicting least recently used entries that nobody else holds."""
         while True:
             buffer = self.pool.allocate(shape, dtype)
             if buffer is not None:
                 return buffer
             with self._lock:
-                if not self._entries:
+                victim = next((key for key, held in self._entries.items() if not in_use_elsewhere(held)), None)
+                if victim is None:
                     return None
-                self._entries.popitem(last=False)
+                del self._entries[victim]
             self.count("evicted")
 
     def delete(self, keys: Sequence[ChunkKey]) -> int:

@@ -10,5 +10,5 @@ def lmcache_register_backends(register) -> None:  # type: ignore[no-untyped-def]
         "lmcache_disk.backend:DiskBackend",
         settings="lmcache_disk.settings:DiskSettings",
         url_schemes=("file",),
-        description="local files, atomic writes, index rebuilt from headers on start",
+        description="local files, atomic writes, one byte budget per directory shared by processes",
     )

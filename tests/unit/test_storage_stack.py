@@ -3,6 +3,7 @@ prefix-aware LRU and the memory pool's accounting."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import types
@@ -43,8 +44,8 @@ def stacks() -> Iterator[list[TierStack]]:
         stack.close()
 
 
-def make_stack(stacks: list[TierStack], *backends, queue_size: int = 256) -> TierStack:  # type: ignore[no-untyped-def]
-    stack = TierStack(list(backends), write_queue_size=queue_size)
+def make_stack(stacks: list[TierStack], *backends, queue_size: int = 256, **options) -> TierStack:  # type: ignore[no-untyped-def]
+    stack = TierStack(list(backends), write_queue_size=queue_size, **options)
     stacks.append(stack)
     return stack
 
@@ -121,6 +122,7 @@ class FlakyBackend(CpuBackend):
     def __init__(self) -> None:
         super().__init__(CpuSettings(max_size=100 * CHUNK_BYTES), BackendContext("flaky", "raw"))
         self.failing = False
+        self.failing_writes = False  # a full or read-only disk: writes fail, reads work
         self.calls = 0
 
     def _maybe_fail(self) -> None:
@@ -138,6 +140,8 @@ class FlakyBackend(CpuBackend):
 
     def put_many(self, chunks):  # type: ignore[no-untyped-def]
         self._maybe_fail()
+        if self.failing_writes:
+            raise OSError(28, "No space left on device")
         super().put_many(chunks)
 
 
@@ -218,6 +222,31 @@ def test_writes_to_a_tier_in_backoff_are_dropped_and_counted(stacks: list[TierSt
     assert flaky.contains(keys_of(chunks)) == 0
 
 
+def test_a_failed_write_pauses_only_writes_and_reads_are_still_served(
+    stacks: list[TierStack], clock: FakeClock
+) -> None:
+    upper, flaky = cpu("upper"), FlakyBackend()
+    stack = make_stack(stacks, upper, flaky)
+    stored = make_chunks(3, seed=1)
+    flaky.put_many(stored)
+    flaky.failing_writes = True
+    new = make_chunks(2, seed=2, namespace="new")
+    stack.put_many(new)
+    assert stack.flush()
+    assert stack.contains(keys_of(stored)) == 3  # the lower tier still answers reads
+    assert len(stack.get_prefix(keys_of(stored))) == 3
+    stats = stack.stats()["flaky"]
+    assert stats["errors"] == 1 and stats["writes_healthy"] == 0.0 and stats["healthy"] == 1.0
+    stack.put_many(make_chunks(2, seed=3, namespace="later"))
+    assert stack.flush()
+    assert stack.stats()["flaky"]["dropped_writes"] == 2  # writes wait out the backoff
+    clock.advance(1.01)
+    flaky.failing_writes = False
+    stack.put_many(new)
+    assert stack.flush()
+    assert flaky.contains(keys_of(new)) == 2 and stack.stats()["flaky"]["writes_healthy"] == 1.0
+
+
 def test_a_failing_first_tier_does_not_hide_the_lower_tiers(stacks: list[TierStack], clock: FakeClock) -> None:
     flaky, lower = FlakyBackend(), cpu("lower")
     stack = make_stack(stacks, flaky, lower)
@@ -225,7 +254,7 @@ def test_a_failing_first_tier_does_not_hide_the_lower_tiers(stacks: list[TierSta
     chunks = make_chunks(2)
     stack.put_many(chunks)  # the synchronous write fails: swallowed and counted; the write-through still runs
     assert stack.flush()
-    assert stack.stats()["flaky"]["errors"] == 1
+    assert stack.stats()["flaky"]["errors"] == 2  # the write, then the read of its copies for the lower tier
     assert lower.contains(keys_of(chunks)) == 2
     assert stack.contains(keys_of(chunks)) == 2  # the failing tier is skipped, the lower one answers
     got = stack.get_prefix(keys_of(chunks))
@@ -268,6 +297,42 @@ def test_a_full_write_queue_drops_and_counts_without_blocking(stacks: list[TierS
     assert stack.flush()
     assert slow.contains(keys_of(first)) == 2 and slow.contains(keys_of(second)) == 2
     assert slow.contains(keys_of(third)) == 0
+
+
+def live_tensor_bytes() -> int:
+    """Bytes of every CPU tensor memory block alive in this process, each block counted once:
+    what the tensors really hold, whatever any pool or queue believes it accounts for."""
+    gc.collect()
+    blocks: dict[int, int] = {}
+    for candidate in gc.get_objects():
+        if type(candidate) is torch.Tensor and candidate.device.type == "cpu":
+            storage = candidate.untyped_storage()
+            blocks[storage.data_ptr()] = max(blocks.get(storage.data_ptr(), 0), storage.nbytes())
+    return sum(blocks.values())
+
+
+def test_a_slow_lower_tier_holds_at_most_the_queue_budget_and_never_empties_the_cpu_tier(
+    stacks: list[TierStack],
+) -> None:
+    upper, slow = cpu("upper", chunks=8), SlowBackend()
+    queue_budget = 8 * CHUNK_BYTES
+    stack = make_stack(stacks, upper, slow, write_queue_max_bytes=queue_budget)
+    baseline = live_tensor_bytes()
+    prompts = [make_chunks(2, seed=seed, namespace=f"prompt-{seed}") for seed in range(40)]
+    prompt_bytes = sum(chunk.kv.nbytes for chunks in prompts for chunk in chunks)
+    try:
+        stack.put_many(prompts[0])
+        assert slow.started.wait(timeout=30)  # the lower tier is stuck: everything after this queues
+        for chunks in prompts[1:]:
+            stack.put_many(chunks)
+        held = live_tensor_bytes() - baseline - prompt_bytes  # the prompts are the caller's own tensors
+        assert held <= upper.pool.capacity + queue_budget
+        assert upper.stats()["entries"] >= 2  # the cpu tier keeps serving ...
+        assert upper.contains(keys_of(prompts[0])) == 2  # ... including what the queue still holds
+        assert stack.stats()["slow"]["dropped_writes"] > 0  # the budget, not memory, gave way
+    finally:
+        slow.release.set()
+    assert stack.flush()
 
 
 # --- cpu tier: prefix-aware LRU by bytes --------------------------------------------------------
@@ -338,22 +403,24 @@ def test_pool_bytes_return_only_after_the_last_reference_is_gone() -> None:
     assert pool.used == 0
 
 
-def test_an_evicted_chunk_in_use_keeps_its_memory_accounted() -> None:
+def test_a_chunk_in_use_elsewhere_is_never_evicted() -> None:
     backend = cpu(chunks=2)
     chunks = make_chunks(3, seed=5)
     backend.put_many(chunks[:1])
-    (in_use,) = backend.get_many(keys_of(chunks[:1]))  # e.g. being copied into a KV cache
-    assert in_use is not None
-    backend.put_many(chunks[1:])  # needs the space: chunk 0 is evicted from the index
-    assert backend.contains(keys_of(chunks[:1])) == 0
-    assert backend.pool.used <= backend.pool.capacity  # never over budget
-    assert_same(in_use, chunks[0].kv)  # the evicted chunk's memory was not reused under us
-    used_while_in_use = backend.pool.used
-    assert used_while_in_use >= CHUNK_BYTES  # counted while in use
-    del in_use
-    assert backend.pool.used == used_while_in_use - CHUNK_BYTES
-    backend.put_many(chunks[1:])  # the freed bytes are usable again
-    assert backend.contains(keys_of(chunks[1:])) == 2
+    (in_use,) = backend.get_many(keys_of(chunks[:1]))  # being copied into a KV cache, or queued for a lower tier
+    backend.put_many(chunks[1:])  # needs room: evicting chunk 0 would free nothing, so chunk 2 goes
+    assert backend.contains(keys_of(chunks[:1])) == 1
+    assert backend.contains(keys_of(chunks[1:])) == 1 and backend.stats()["evicted"] == 1
+    held = backend.get_many(keys_of(chunks[:2]))  # now every entry is in use
+    other = make_chunks(1, seed=6, namespace="other")
+    backend.put_many(other)
+    assert backend.counters["dropped_no_room"] == 1 and backend.contains(keys_of(other)) == 0
+    assert backend.contains(keys_of(chunks[:2])) == 2  # a write that cannot be served does not flush the cache
+    assert backend.pool.used <= backend.pool.capacity
+    assert_same(in_use, chunks[0].kv)
+    del in_use, held
+    backend.put_many(other)  # released: the least recently used entry can go now
+    assert backend.contains(keys_of(other)) == 1 and backend.stats()["evicted"] == 2
 
 
 def test_deleting_releases_cpu_memory() -> None:
