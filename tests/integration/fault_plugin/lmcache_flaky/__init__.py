@@ -1,6 +1,7 @@
 """Fault injection for the vLLM fault tests: a ``flaky`` tier that is the ``cpu`` tier, except that
 it answers a miss for chunks it holds on its first loads, as a chunk evicted between the
-scheduler's lookup and the worker's load would. A real tier cannot be made to do that on cue.
+scheduler's lookup and the worker's load would, and can be made slow to load. A real tier cannot
+be made to do that on cue.
 
 The tests put this folder on vLLM's PYTHONPATH together with an ``lmcache_core`` entry point, so
 vLLM's worker processes load it through the same plugin loop as any backend.
