@@ -14,10 +14,11 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote_plus, urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError, field_validator
@@ -109,8 +110,8 @@ class Settings(BaseSettings):
         """Everything in force, secrets redacted (for ``lmcache-core info`` and logs)."""
         data = self.model_dump(mode="json", exclude=set(self.model_extra or {}))
         for name, section in self._backends.items():
-            data[name] = redact(section.model_dump(mode="json"))  # json mode: SecretStr -> "**********", URLs -> str
-        return data
+            data[name] = section.model_dump(mode="json")  # json mode: SecretStr -> "**********", URLs -> str
+        return redact(data)
 
 
 # --- legacy LMCache names ----------------------------------------------------------------------
@@ -378,21 +379,55 @@ def load_settings(
     return settings
 
 
+# Names of URL query parameters and mapping entries that hold credentials: ``password=``,
+# ``aws_secret_access_key=``, ``X-Amz-Signature=``, ``api_key=``, ``session_token=``, a SAS ``sig=``...
+_SECRET_NAME = re.compile(r"pass|pwd|secret|token|key|credential|signature|auth|^sig$", re.IGNORECASE)
+REDACTED = "**********"
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether a query parameter or mapping entry called ``name`` is taken to hold a secret."""
+    return bool(_SECRET_NAME.search(name))
+
+
 def redact(value: Any) -> Any:
-    """Hide secrets: SecretStr values and passwords inside URLs."""
-    if isinstance(value, dict):
-        return {key: redact(item) for key, item in value.items()}
+    """Hide secrets: SecretStr values, credentials inside URLs, and text under secret-like names in
+    mappings (``storage_options``, say). What ``lmcache-core info`` and every log line show."""
+    if isinstance(value, Mapping):
+        return {
+            key: REDACTED if isinstance(item, str) and is_secret_name(str(key)) else redact(item)
+            for key, item in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [redact(item) for item in value]
     if isinstance(value, SecretStr):
-        return "**********"
+        return REDACTED
     if isinstance(value, str) and "://" in value:
         return redact_url(value)
     return value
 
 
 def redact_url(url: str) -> str:
-    parts = urlsplit(url)
-    userinfo, at, hostport = parts.netloc.rpartition("@")
-    if not at or ":" not in userinfo:  # no password; never parse the port: it may be what is invalid
+    """``url`` with the password of its user info and the values of secret-named query (and
+    fragment) parameters replaced by ``***``. Parsed by hand, never with ``urlsplit``: a URL that
+    is invalid (a bad port, an unclosed ``[``) must still be shown, redacted, in the error about it."""
+    scheme, separator, rest = url.partition("://")
+    if not separator:
         return url
-    user = userinfo.split(":", 1)[0]
-    return urlunsplit((parts.scheme, f"{user}:***@{hostport}", parts.path, parts.query, parts.fragment))
+    rest, hash_sign, fragment = rest.partition("#")
+    rest, question_mark, query = rest.partition("?")
+    authority, slash, path = rest.partition("/")
+    userinfo, at, hostport = authority.rpartition("@")
+    if at and ":" in userinfo:
+        authority = f"{userinfo.split(':', 1)[0]}:***@{hostport}"
+    return (f"{scheme}://{authority}{slash}{path}{question_mark}{_redact_parameters(query)}"
+            f"{hash_sign}{_redact_parameters(fragment)}")
+
+
+def _redact_parameters(text: str) -> str:
+    parts = re.split(r"([&;])", text)
+    for index, part in enumerate(parts):
+        name, equals, _ = part.partition("=")
+        if equals and is_secret_name(unquote_plus(name)):
+            parts[index] = f"{name}=***"
+    return "".join(parts)

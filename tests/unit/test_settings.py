@@ -396,3 +396,58 @@ def test_every_setting_has_a_description() -> None:
             models.add(registry.settings_model(name))
     assert {"cpu", "disk"} <= registry.backends.keys()
     assert [name for model in sorted(models, key=lambda m: m.__name__) for name in _undocumented(model)] == []
+
+
+# --- secrets in URL query strings (issue 9, defect 8) ---------------------------------------------
+
+SECRET = "hunter2"
+
+
+@pytest.mark.parametrize(
+    ("url", "kept"),
+    [
+        ("redis://cache.internal:6379/0?password=hunter2", "redis://cache.internal:6379/0?password=***"),
+        ("rediss://cache:6380/0?ssl_cert_reqs=none&password=hunter2", "rediss://cache:6380/0?ssl_cert_reqs=none&"),
+        ("unix:///run/redis.sock?db=0&password=hunter2", "unix:///run/redis.sock?db=0&"),
+        ("redis://user:hunter2@cache:6379/0?password=hunter2", "redis://user:***@cache:6379/0?"),
+        ("s3://bucket/prefix?aws_access_key_id=AKIA1&aws_secret_access_key=hunter2", "s3://bucket/prefix?"),
+        ("s3://bucket/prefix?X-Amz-Credential=hunter2&X-Amz-Signature=hunter2", "s3://bucket/prefix?"),
+        ("https://store.example/p?sv=2024&sig=hunter2", "https://store.example/p?sv=2024&"),
+        ("kv://cache/0?api_key=hunter2&timeout=3", "timeout=3"),
+        ("kv://cache/0?session_token=hunter2", "kv://cache/0?"),
+        ("kv://cache/0?client_secret=hunter2", "kv://cache/0?"),
+        ("kv://cache/0?pass%77ord=hunter2", "kv://cache/0?"),  # the name is percent-encoded
+        ("kv://cache/0?PASSWORD=hunter2;db=1", "db=1"),
+        ("kv://cache/0#access_token=hunter2", "kv://cache/0#"),
+        ("kv://[::1/0?password=hunter2", "kv://"),  # unparsable host: still redacted, never a crash
+    ],
+)
+def test_redact_hides_secrets_in_query_strings(url: str, kept: str) -> None:
+    from lmcache_core.settings import redact, redact_url
+
+    for redacted in (redact_url(url), redact(url)):
+        assert SECRET not in redacted, redacted
+        assert kept in redacted, redacted
+
+
+def test_redact_leaves_urls_without_secrets_alone() -> None:
+    from lmcache_core.settings import redact_url
+
+    for url in ("redis://cache:6379/0", "unix:///run/redis.sock?db=0", "s3://bucket/prefix", "kv://h/0?a=1&b"):
+        assert redact_url(url) == url
+
+
+def test_redact_hides_secret_named_entries_of_mappings() -> None:
+    """storage_options and similar free-form mappings are shown by ``info``: credentials in them are not."""
+    from lmcache_core.settings import redact
+
+    options = {"profile": "cache", "secret": SECRET, "key": SECRET, "client_kwargs": {"aws_session_token": SECRET}}
+    shown = redact({"storage_options": options})
+    assert SECRET not in json.dumps(shown)
+    assert shown["storage_options"]["profile"] == "cache"
+
+
+def test_effective_settings_redact_query_string_secrets(registry: Registry) -> None:
+    env = {"LMCACHE_REMOTE_URL": "kv://cache.internal:7000/0?password=hunter2",
+           "LMCACHE_KVSTORE__REPLICA": "kv://replica/0?token=hunter2"}
+    assert SECRET not in json.dumps(load(registry, env).effective(), default=str)
