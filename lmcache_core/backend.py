@@ -38,7 +38,7 @@ Blob = bytes | bytearray | memoryview
 class BackendSettings(BaseModel):
     """Settings every backend has; plugins subclass this for their own fields."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # a timeout of inf or nan is a typo
 
     codec: str | None = Field(None, description="Payload codec of this tier (byte stores); default LMCACHE_CODEC.")
     required: bool = Field(False, description="Fail start-up when this tier is unreachable, instead of skipping it.")
