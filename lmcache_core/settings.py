@@ -423,7 +423,7 @@ def _error_lines(
         loc = (*prefix, *item["loc"])
         where = raw.origin_of(loc)
         message = item["msg"]
-        if item["type"] == "byte_size":
+        if item["type"] in ("byte_size", "byte_size_unit"):
             message = "expected a size like 4GiB or 512MB"
         elif item["type"] == "extra_forbidden":
             message = "unknown setting"
