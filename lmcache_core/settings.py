@@ -386,26 +386,25 @@ def allowed_values(field: FieldInfo) -> str:
     return "a non-empty value"
 
 
-def _accepts_blank(field: FieldInfo) -> bool:
-    """Lists and mappings read an empty string as empty; for anything else it is a mistake
-    (``LMCACHE_DISK__PATH=`` would otherwise mean the working directory)."""
-    annotation = _without_none(field.annotation)
-    return annotation in (list, dict) or get_origin(annotation) in (list, dict)
-
-
 def _drop_blank(
     model: type[BaseModel], section: dict[str, Any], loc: tuple[str, ...], raw: _Raw, problems: list[str]
 ) -> dict[str, Any]:
-    """``section`` without blank text values, each reported as a problem."""
+    """``section`` without blank text values. An empty variable means "unset" for a setting that
+    may be unset (default ``None``) and "empty" for lists and mappings; for anything else it is a
+    mistake, reported (``LMCACHE_DISK__PATH=`` would otherwise mean the working directory)."""
     kept = dict(section)
     for name, value in section.items():
         field = model.model_fields.get(name)
         if field is None:
             continue
-        nested = _without_none(field.annotation)
-        if isinstance(value, dict) and isinstance(nested, type) and issubclass(nested, BaseModel):
-            kept[name] = _drop_blank(nested, value, (*loc, name), raw, problems)
-        elif isinstance(value, str) and not value.strip() and not _accepts_blank(field):
+        annotation = _without_none(field.annotation)
+        if isinstance(value, dict) and isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            kept[name] = _drop_blank(annotation, value, (*loc, name), raw, problems)
+        elif not isinstance(value, str) or value.strip():
+            continue
+        elif field.default is None and field.default_factory is None:
+            del kept[name]
+        elif not (annotation in (list, dict) or get_origin(annotation) in (list, dict)):
             problems.append(f"{raw.origin_of((*loc, name))}: expected {allowed_values(field)}, got {value!r}"
                             " (unset it for the default)")
             del kept[name]

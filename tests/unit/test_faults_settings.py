@@ -58,25 +58,26 @@ def invalid_values(field: FieldInfo) -> tuple[list[str], tuple[str, ...], bool]:
     """Invalid text values for ``field``, the words of which one must appear in the error (all of
     them for a choice), and whether all must."""
     annotation = _without_none(field.annotation)
+    blank = [] if field.default is None and field.default_factory is None else ["", " "]  # "" = unset
     below = _lower_bound(field)
     bounded = [below] if below is not None else []
     if get_origin(annotation) is Literal:
-        return ["nosuch", ""], tuple(map(str, get_args(annotation))), True
+        return ["nosuch", *blank], tuple(map(str, get_args(annotation))), True
     if annotation is bool:
-        return ["maybe", "2", ""], ("true",), False
+        return ["maybe", "2", *blank], ("true",), False
     if isinstance(annotation, type) and issubclass(annotation, ByteSize):
-        return ["lots", "", "inf", "nan", "1e400", "-1", "-1GiB", "4 parsecs"], ("4GiB",), False
+        return ["lots", *blank, "inf", "nan", "1e400", "-1", "-1GiB", "4 parsecs"], ("4GiB",), False
     if annotation is int:
-        return ["abc", "1.5", "", "inf", "nan", "1e400", *bounded], ("integer", "greater than", "finite"), False
+        return ["abc", "1.5", *blank, "inf", "nan", "1e400", *bounded], ("integer", "greater than", "finite"), False
     if annotation is float:
-        return ["abc", "", "inf", "-inf", "nan", "1e400", *bounded], ("number", "greater than"), False
+        return ["abc", *blank, "inf", "-inf", "nan", "1e400", *bounded], ("number", "greater than"), False
     if isinstance(annotation, type) and issubclass(annotation, Path):
-        return ["", "  "], ("path",), False
+        return blank, ("path",), False
     if annotation is dict or get_origin(annotation) is dict:
         return ["not json", "[1, 2]", "42"], ("JSON", "dictionary"), False
     if annotation is list or get_origin(annotation) is list:
         return [], (), False  # an empty string is an empty list; items are checked by hand below
-    return ["", " "], ("non-empty", "at least 1 character"), False
+    return blank, ("non-empty", "at least 1 character"), False
 
 
 # Fields whose values are checked beyond their type, with a value of the right type that is wrong.
@@ -210,6 +211,23 @@ def test_non_finite_numbers_in_the_yaml_file_are_refused(
     assert f"(key {key})" in str(failure.value)
 
 
+_OPTIONAL_FIELDS = [
+    (f"{prefix}{name.upper()}", section, name)
+    for prefix, section, model in [(PREFIX, None, Settings), *((f"{PREFIX}{n.upper()}__", n, m)
+                                                             for n, m in sorted(_backend_models(REGISTRY).items()))]
+    for name, field in model.model_fields.items()
+    if field.default is None and field.default_factory is None
+]
+
+
+@pytest.mark.parametrize(("variable", "section", "name"), _OPTIONAL_FIELDS, ids=[v for v, _, _ in _OPTIONAL_FIELDS])
+def test_an_empty_variable_unsets_a_setting_that_may_be_unset(variable: str, section: str | None, name: str) -> None:
+    """``-e LMCACHE_REDIS__USERNAME=`` in a container template means "not set", not an empty user."""
+    env = {variable: "", **({"LMCACHE_TIERS": f"cpu,{section}"} if section not in (None, "cpu") else {})}
+    settings = load_settings(REGISTRY, env)
+    assert getattr(settings.backend(section) if section else settings, name) is None
+
+
 def test_every_field_and_legacy_name_has_cases() -> None:
     """The generator must keep up: each field of each model yields a case (lists may rely on
     by-name cases), and every LMCache name is listed."""
@@ -220,7 +238,8 @@ def test_every_field_and_legacy_name_has_cases() -> None:
             nested = _without_none(field.annotation)
             if isinstance(nested, type) and issubclass(nested, BaseModel):
                 continue
-            if invalid_values(field)[0] or name in _BY_NAME:
-                assert f"{prefix}{name.upper()}" in covered
+            variable = f"{prefix}{name.upper()}"
+            assert variable in covered or variable in {v for v, _, _ in _OPTIONAL_FIELDS} or (
+                get_origin(_without_none(field.annotation)) is list and not field.metadata), variable
     assert set(LEGACY_VARIABLES) <= covered
     assert {"cpu", "disk", "redis", "s3"} <= _backend_models(REGISTRY).keys()
