@@ -26,7 +26,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from lmcache_core.errors import CorruptEntryError, ForgedEntryError, UnsupportedEntryError
-from lmcache_core.keys import ChunkKey
+from lmcache_core.keys import ChunkKey, select_keys
 from lmcache_core.serde import decode_chunk, encode_chunk
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ Blob = bytes | bytearray | memoryview
 class BackendSettings(BaseModel):
     """Settings every backend has; plugins subclass this for their own fields."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # a timeout of inf or nan is a typo
 
     codec: str | None = Field(None, description="Payload codec of this tier (byte stores); default LMCACHE_CODEC.")
     required: bool = Field(False, description="Fail start-up when this tier is unreachable, instead of skipping it.")
@@ -95,13 +95,16 @@ class StorageBackend(ABC):
         """Remove ``keys``; returns how many were stored."""
 
     def iter_keys(self) -> Iterator[str]:
-        """Every stored key as a string (for ``lmcache-core ls``)."""
+        """Every stored chunk key as a string, of every namespace (for ``lmcache-core ls``).
+
+        A backend whose storage other applications share (a Redis keyspace, a bucket) lists only
+        names that :meth:`ChunkKey.parse` accepts (``clear`` checks again before deleting)."""
         raise NotImplementedError(f"backend {self.name!r} cannot list its keys")
 
-    def clear(self) -> int:
-        """Remove every entry this backend can list; returns how many."""
-        names = list(self.iter_keys())
-        return self.delete([ChunkKey.parse(name) for name in names])
+    def clear(self, namespace: str | None = None) -> int:
+        """Remove the chunks of ``namespace`` (of every namespace if ``None``) that this backend
+        can list; returns how many. Names that are not chunk keys are never touched."""
+        return self.delete(list(select_keys(self.iter_keys(), namespace)))
 
     def check_health(self) -> None:
         """Raise if the storage cannot be reached. Called once at start-up."""

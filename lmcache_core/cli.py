@@ -10,9 +10,10 @@ import sys
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 
+from lmcache_core.backend import StorageBackend
 from lmcache_core.engine import build_backends
 from lmcache_core.errors import LMCacheError
-from lmcache_core.keys import ChunkKey
+from lmcache_core.keys import select_keys
 from lmcache_core.plugins import load_registry
 from lmcache_core.registry import Registry
 from lmcache_core.settings import Settings, load_settings
@@ -72,8 +73,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tiers(args: argparse.Namespace) -> list:
-    registry, settings = _load()
+def _tiers(args: argparse.Namespace, registry: Registry, settings: Settings) -> list[StorageBackend]:
     backends = build_backends(settings, registry)
     if args.tier:
         unknown = set(args.tier) - set(settings.tiers)
@@ -83,21 +83,30 @@ def _tiers(args: argparse.Namespace) -> list:
     return backends
 
 
+def _namespace(args: argparse.Namespace, settings: Settings) -> tuple[str | None, str]:
+    """The namespace ``ls`` and ``clear`` select (``None``: all of them) and how to name it."""
+    if args.all_namespaces:
+        return None, "every namespace"
+    return settings.namespace, f"namespace {settings.namespace!r}"
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
-    for backend in _tiers(args):
+    for backend in _tiers(args, *_load()):
         print(f"{backend.name}: {json.dumps(backend.stats(), default=str)}")
         backend.close()
     return 0
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    for backend in _tiers(args):
+    registry, settings = _load()
+    namespace, _ = _namespace(args, settings)
+    for backend in _tiers(args, registry, settings):
         try:
-            for count, name in enumerate(backend.iter_keys()):
+            for count, key in enumerate(select_keys(backend.iter_keys(), namespace)):
                 if args.limit and count >= args.limit:
                     print(f"{backend.name}\t... (--limit {args.limit})")
                     break
-                print(f"{backend.name}\t{name}")
+                print(f"{backend.name}\t{key}")
         except NotImplementedError as error:
             print(f"{backend.name}\t({error})", file=sys.stderr)
         finally:
@@ -106,14 +115,15 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_clear(args: argparse.Namespace) -> int:
+    registry, settings = _load()
+    namespace, which = _namespace(args, settings)
     if not args.yes:
-        print("clear deletes every chunk in the selected tiers; repeat with --yes", file=sys.stderr)
+        print(f"clear deletes the chunks of {which} in the selected tiers; repeat with --yes", file=sys.stderr)
         return 2
-    for backend in _tiers(args):
+    for backend in _tiers(args, registry, settings):
         try:
-            names = list(backend.iter_keys())
-            removed = backend.delete([ChunkKey.parse(name) for name in names])
-            print(f"{backend.name}: removed {removed} chunks")
+            removed = backend.clear(namespace)
+            print(f"{backend.name}: removed {removed} chunks of {which}")
         finally:
             backend.close()
     return 0
@@ -144,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--limit", type=int, default=0, help="at most this many keys per tier")
         if name == "clear":
             sub.add_argument("--yes", action="store_true", help="really delete")
+        if name in ("ls", "clear"):
+            sub.add_argument("--all-namespaces", action="store_true",
+                             help="every tenant's chunks, not only those of LMCACHE_NAMESPACE")
     bench_parser = commands.add_parser("bench", help="storage benchmarks, side by side with the raw baselines")
     from lmcache_core.bench import add_arguments
 

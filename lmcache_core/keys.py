@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -118,11 +118,63 @@ class ChunkKey:
 
     @classmethod
     def parse(cls, text: str) -> ChunkKey:
-        """Inverse of ``str(key)``; raises ``ValueError`` on anything else."""
-        prefix, sep, hex_digest = text.rpartition(":")
-        if not sep or not prefix.startswith("v"):
+        """Inverse of ``str(key)``; raises ``ValueError`` on anything else.
+
+        Strict (see :data:`KEY_GRAMMAR`): listing and clearing a shared Redis keyspace or bucket
+        rely on it to tell our chunks from other applications' keys such as ``visits:2024:10``.
+        """
+        match = KEY_GRAMMAR.fullmatch(text)
+        if match is None:
             raise ValueError(f"not a chunk key: {text!r}")
-        return cls(prefix, bytes.fromhex(hex_digest))
+        return cls(match["prefix"], bytes.fromhex(match["digest"]))
+
+    @property
+    def namespace_label(self) -> str:
+        """The namespace as the prefix writes it (made safe for file names, see :func:`namespace_label`)."""
+        return self.prefix.split(":", 2)[1]
+
+    def in_namespace(self, namespace: str) -> bool:
+        """Whether this key belongs to tenant ``namespace``: what ``ls`` and ``clear`` select by."""
+        return self.namespace_label == namespace_label(namespace)
+
+
+def namespace_label(namespace: str) -> str:
+    """How ``namespace`` appears in key prefixes, file names and object keys."""
+    return _slug(namespace)
+
+
+def select_keys(names: Iterable[str], namespace: str | None) -> Iterator[ChunkKey]:
+    """The chunk keys among ``names`` that belong to ``namespace`` (to any namespace if ``None``).
+    Names that are not chunk keys (another application's, in a shared store) are skipped."""
+    for name in names:
+        try:
+            key = ChunkKey.parse(name)
+        except ValueError:
+            continue
+        if namespace is None or key.in_namespace(namespace):
+            yield key
+
+
+# The text form of a chunk key, ``CacheScope.prefix + ":" + digest``. Fields are ``:``-separated
+# and made of the characters ``_slug`` keeps (plus ``@``, ``+``, ``=`` for compound fields):
+#
+#   key       = "v" schema ":" namespace ":" model "@" model-id *(":" field) ":" layout
+#               *(":" field) ":" rank *(":" field) ":" digest
+#   layout    = dtype "-l" layers "h" kv-heads "d" head-dim       e.g. bfloat16-l32h8d128
+#   rank      = "r" tp-rank "of" tp-world-size                    e.g. r0of2
+#   digest    = 32 lower-case hex digits (16 bytes)
+#
+# The ``*(":" field)`` slots take the fields a later scope may add (a KV format, a weights
+# identity) without a new parser; the namespace stays the second field, so ``clear`` keeps
+# selecting by it.
+_FIELD = r"[A-Za-z0-9._@+=-]+"
+_SLUG = r"[A-Za-z0-9._-]+"
+KEY_GRAMMAR = re.compile(
+    rf"(?P<prefix>v[0-9]+:(?P<namespace>{_SLUG}):{_SLUG}@[A-Za-z0-9._-]*"
+    rf"(?::{_FIELD})*?:[a-z0-9_]+-l[0-9]+h[0-9]+d[0-9]+"
+    rf"(?::{_FIELD})*?:r[0-9]+of[0-9]+"
+    rf"(?::{_FIELD})*?):(?P<digest>[0-9a-f]{{32}})"
+)
 
 
 def _digest_function(algorithm: str, secret: bytes | None) -> Callable[[bytes], bytes]:

@@ -3,7 +3,8 @@
 Precedence: environment > ``LMCACHE_CONFIG_FILE`` (YAML) > defaults. Nested fields use ``__``
 (``LMCACHE_CPU__MAX_SIZE=4GiB``). Each backend plugin owns a settings section named after it,
 validated by the model it registered. The LMCache variable names people already set in vLLM
-containers are accepted too and mapped onto ours (see ``LEGACY_VARIABLES``).
+containers are accepted too and mapped onto ours (see ``LEGACY_VARIABLES``); a mapped value keeps
+the rank of where it was set, so the environment wins over the file whichever names each uses.
 
 Every validation error names the variable (or YAML key) the operator actually wrote, the value,
 and what is allowed. Unknown ``LMCACHE_*`` variables produce a warning naming the closest known one.
@@ -13,14 +14,18 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
 import os
-from collections.abc import Mapping
-from pathlib import Path
-from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path, PurePath
+from types import UnionType
+from typing import Any, Literal, NamedTuple, Union, get_args, get_origin
+from urllib.parse import unquote_plus
 
 import yaml
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError, field_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from lmcache_core.backend import BackendSettings
@@ -42,7 +47,7 @@ def split_list(value: Any) -> Any:
 
 
 class PluginSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     allow: list[str] = Field(default_factory=list, description="Entry-point names to load; empty = all.")
     deny: list[str] = Field(default_factory=list, description="Entry-point names never to load.")
@@ -55,13 +60,16 @@ class Settings(BaseSettings):
     """Core settings. Backend sections (``cpu``, ``disk``, ...) are extra fields validated by the
     backend's own model; :meth:`backend` returns them."""
 
-    model_config = SettingsConfigDict(extra="allow", validate_default=True)
+    model_config = SettingsConfigDict(extra="allow", validate_default=True, allow_inf_nan=False)
 
     chunk_size: int = Field(256, gt=0, description="Tokens per chunk.")
     tiers: list[str] = Field(
         default_factory=lambda: ["cpu"], description="Storage tiers, fastest first, e.g. `cpu,disk`."
     )
-    namespace: str = Field("default", min_length=1, description="Tenant name; part of every key.")
+    namespace: str = Field(
+        "default", min_length=1,
+        description="Tenant name; part of every key. `lmcache-core ls` and `clear` touch only this namespace's chunks.",
+    )
     hash_algorithm: Literal["blake3", "sha256", "xxh3_128"] = Field(
         "blake3", description="Chunk digest: blake3 (default), sha256, or the faster xxh3_128."
     )
@@ -140,8 +148,8 @@ class Settings(BaseSettings):
         """Everything in force, secrets redacted (for ``lmcache-core info`` and logs)."""
         data = self.model_dump(mode="json", exclude=set(self.model_extra or {}))
         for name, section in self._backends.items():
-            data[name] = redact(section.model_dump(mode="json"))  # json mode: SecretStr -> "**********", URLs -> str
-        return data
+            data[name] = section.model_dump(mode="json")  # json mode: SecretStr -> "**********", URLs -> str
+        return redact(data)
 
 
 # --- legacy LMCache names ----------------------------------------------------------------------
@@ -170,23 +178,42 @@ def _parse_bool(variable: str, value: Any) -> bool:
 
 
 def _parse_gb(variable: str, value: Any) -> int:
+    allowed = "expected a finite, non-negative number of GB like 5.0"
+    if isinstance(value, bool):
+        raise SettingsError(f"{variable}: {allowed}, got {value!r}")
     try:
         gigabytes = float(value)
     except (TypeError, ValueError):
-        raise SettingsError(f"{variable}: expected a number of GB like 5.0, got {value!r}") from None
-    if gigabytes < 0:
-        raise SettingsError(f"{variable}: expected a non-negative number of GB, got {value!r}")
+        raise SettingsError(f"{variable}: {allowed}, got {value!r}") from None
+    if not math.isfinite(gigabytes) or gigabytes < 0:  # float() reads "inf", "nan" and "1e400" (= inf)
+        raise SettingsError(f"{variable}: {allowed}, got {value!r}")
     return int(gigabytes * GIB)
 
 
+def _parse_text(variable: str, value: Any, allowed: str) -> str:
+    text = "" if value is None else str(value)
+    if not text.strip():
+        raise SettingsError(f"{variable}: expected {allowed}, got {text!r}")
+    return text
+
+
+# Where a value came from decides which one wins: a value replaces another only if its rank is at
+# least as high. The environment beats the file whichever names each uses; in one place, the
+# new-style name (which says exactly what it sets) beats the LMCache name mapped onto it.
+FILE_LEGACY, FILE, ENV_LEGACY, ENV, OVERRIDE = range(5)
+
+
 class _Raw:
-    """The merged raw settings and where each value came from (for error messages)."""
+    """The merged raw settings, where each value came from (for error messages) and its rank."""
 
     def __init__(self) -> None:
         self.data: dict[str, Any] = {}
         self.origin: dict[tuple[str, ...], str] = {}
+        self.rank: dict[tuple[str, ...], int] = {}
 
-    def set(self, path: tuple[str, ...], value: Any, origin: str) -> None:
+    def set(self, path: tuple[str, ...], value: Any, origin: str, rank: int) -> None:
+        if not self.takes(path, rank):
+            return
         node = self.data
         for part in path[:-1]:
             child = node.get(part)
@@ -195,6 +222,11 @@ class _Raw:
             node = child
         node[path[-1]] = value
         self.origin[path] = origin
+        self.rank[path] = rank
+
+    def takes(self, path: tuple[str, ...], rank: int) -> bool:
+        """Whether a value of ``rank`` at ``path`` would take effect."""
+        return self.rank.get(path, -1) <= rank
 
     def get(self, path: tuple[str, ...], default: Any = None) -> Any:
         node: Any = self.data
@@ -213,7 +245,17 @@ class _Raw:
         return PREFIX + "__".join(str(part).upper() for part in loc if not isinstance(part, int))
 
 
-def _merge_yaml(raw: _Raw, path: Path) -> None:
+_LEGACY_FILE_KEYS = {name[len(PREFIX) :].lower() for name in LEGACY_VARIABLES}
+
+
+class _Legacy(NamedTuple):
+    value: Any
+    origin: str  # the variable, or the file and key
+    rank: int  # ENV_LEGACY or FILE_LEGACY
+
+
+def _merge_yaml(raw: _Raw, legacy: dict[str, _Legacy], path: Path) -> None:
+    """Add the file's settings to ``raw``, and its LMCache names (top level) to ``legacy``."""
     origin = f"{CONFIG_FILE_VARIABLE}={path}"
     try:
         content = yaml.safe_load(path.read_text()) or {}
@@ -227,73 +269,90 @@ def _merge_yaml(raw: _Raw, path: Path) -> None:
     def walk(prefix: tuple[str, ...], node: dict) -> None:
         for key, value in node.items():
             path_ = (*prefix, str(key).lower())
-            if isinstance(value, dict):
+            where = f"{origin} (key {'.'.join(path_)})"
+            if not prefix and path_[0] in _LEGACY_FILE_KEYS:  # LMCache YAML files use these names
+                legacy[PREFIX + path_[0].upper()] = _Legacy(value, where, FILE_LEGACY)
+            elif isinstance(value, dict):
                 walk(path_, value)
             else:
-                raw.set(path_, value, f"{origin} (key {'.'.join(path_)})")
+                raw.set(path_, value, where, FILE)
 
     walk((), content)
 
 
-_LEGACY_FILE_KEYS = {name[len(PREFIX) :].lower() for name in LEGACY_VARIABLES}
+def _apply_legacy(raw: _Raw, legacy: dict[str, _Legacy], registry: Registry) -> list[str]:
+    """Map LMCache's names onto ours, each at its rank. Every value is validated, whether or not
+    it takes effect (a typo in a variable that does nothing today bites on the next change).
+    Returns the problems found."""
+    problems: list[str] = []
 
+    def parsed(name: str, parse: Callable[[str, Any], Any]) -> Any:
+        """The parsed value of variable ``name`` (``None`` if unset or invalid: then a problem)."""
+        if name not in legacy:
+            return None
+        try:
+            return parse(legacy[name].origin, legacy[name].value)
+        except SettingsError as error:
+            problems.append(str(error))
+            return None
 
-def _apply_legacy(raw: _Raw, legacy: dict[str, tuple[Any, str]], registry: Registry) -> None:
-    """Map LMCache variable names onto ours. ``legacy`` maps variable name -> (value, origin)."""
+    def put(path: tuple[str, ...], value: Any, name: str) -> None:
+        raw.set(path, value, legacy[name].origin, legacy[name].rank)
 
-    def origin(name: str) -> str:
-        return legacy[name][1]
+    local_cpu = parsed("LMCACHE_LOCAL_CPU", _parse_bool)
+    cpu_size = parsed("LMCACHE_MAX_LOCAL_CPU_SIZE", _parse_gb)
+    disk_size = parsed("LMCACHE_MAX_LOCAL_DISK_SIZE", _parse_gb)
+    disk_path = parsed("LMCACHE_LOCAL_DISK", lambda v, x: _parse_text(v, x, "a directory path or file:// URL"))
+    remote_url = parsed("LMCACHE_REMOTE_URL", lambda v, x: _parse_text(v, x, "a URL like redis://host:6379"))
+    serde = parsed("LMCACHE_REMOTE_SERDE", _parse_serde)
+    save_unfull = parsed("LMCACHE_SAVE_UNFULL_CHUNK", _parse_bool)
 
-    explicit_tiers = ("tiers",) in raw.origin
-    tiers: list[str] = []
-    if "LMCACHE_LOCAL_CPU" in legacy:
-        if _parse_bool(origin("LMCACHE_LOCAL_CPU"), legacy["LMCACHE_LOCAL_CPU"][0]):
-            tiers.append("cpu")
-    else:
-        tiers.append("cpu")
-    if "LMCACHE_MAX_LOCAL_CPU_SIZE" in legacy:
-        value, where = legacy["LMCACHE_MAX_LOCAL_CPU_SIZE"]
-        raw.set(("cpu", "max_size"), _parse_gb(where, value), where)
-    disk_size = None
-    if "LMCACHE_MAX_LOCAL_DISK_SIZE" in legacy:
-        value, where = legacy["LMCACHE_MAX_LOCAL_DISK_SIZE"]
-        disk_size = _parse_gb(where, value)
-        if disk_size:
-            raw.set(("disk", "max_size"), disk_size, where)
-    if "LMCACHE_LOCAL_DISK" in legacy:
-        value, where = legacy["LMCACHE_LOCAL_DISK"]
-        raw.set(("disk", "path"), str(value), where)  # DiskSettings accepts file:// URLs
+    tiers = [] if local_cpu is False else ["cpu"]
+    if cpu_size is not None:
+        put(("cpu", "max_size"), cpu_size, "LMCACHE_MAX_LOCAL_CPU_SIZE")
+    if disk_size:
+        put(("disk", "max_size"), disk_size, "LMCACHE_MAX_LOCAL_DISK_SIZE")
+    if disk_path is not None:
+        put(("disk", "path"), disk_path, "LMCACHE_LOCAL_DISK")  # DiskSettings accepts file:// URLs
         if disk_size == 0:
             log.warning("LMCACHE_MAX_LOCAL_DISK_SIZE is 0: the disk tier stays off, as in LMCache")
         else:
             tiers.append("disk")
-    if "LMCACHE_REMOTE_URL" in legacy:
-        value, where = legacy["LMCACHE_REMOTE_URL"]
-        scheme = urlsplit(str(value)).scheme
+    if remote_url is not None:
+        where = legacy["LMCACHE_REMOTE_URL"].origin
+        scheme = remote_url.partition("://")[0] if "://" in remote_url else ""
         spec = registry.backend_for_scheme(scheme)
         if spec is None:
             schemes = sorted({s for b in registry.backends.values() for s in b.url_schemes})
-            raise SettingsError(
+            problems.append(
                 f"{where}: no backend serves URL scheme {scheme!r}; known schemes: {', '.join(schemes) or 'none'}"
                 " (install an extra such as lmcache-core[redis] or lmcache-core[s3])"
             )
-        raw.set((spec.name, "url"), str(value), where)
-        tiers.append(spec.name)
-        if "LMCACHE_REMOTE_SERDE" in legacy:
-            serde, serde_where = legacy["LMCACHE_REMOTE_SERDE"]
-            if str(serde) not in _REMOTE_SERDES:
-                raise SettingsError(
-                    f"{serde_where}: unsupported serde {serde!r}; allowed: {', '.join(_REMOTE_SERDES)}"
-                )
-            raw.set((spec.name, "codec"), _REMOTE_SERDES[str(serde)], serde_where)
-    if "LMCACHE_SAVE_UNFULL_CHUNK" in legacy:
-        value, where = legacy["LMCACHE_SAVE_UNFULL_CHUNK"]
-        raw.set(("save_unfull_chunk",), _parse_bool(where, value), where)
-    touches_tiers = {"LMCACHE_LOCAL_CPU", "LMCACHE_LOCAL_DISK", "LMCACHE_REMOTE_URL"} & legacy.keys()
-    if touches_tiers and not explicit_tiers:
-        if not tiers:
-            raise SettingsError("LMCACHE_LOCAL_CPU=false leaves no tier: set LMCACHE_LOCAL_DISK or LMCACHE_TIERS")
-        raw.set(("tiers",), tiers, " + ".join(sorted(origin(name) for name in touches_tiers)))
+        else:
+            put((spec.name, "url"), remote_url, "LMCACHE_REMOTE_URL")
+            tiers.append(spec.name)
+            if serde is not None:
+                put((spec.name, "codec"), serde, "LMCACHE_REMOTE_SERDE")
+    elif serde is not None:
+        log.warning("%s has no effect without LMCACHE_REMOTE_URL", legacy["LMCACHE_REMOTE_SERDE"].origin)
+    if save_unfull is not None:
+        put(("save_unfull_chunk",), save_unfull, "LMCACHE_SAVE_UNFULL_CHUNK")
+
+    touches_tiers = sorted({"LMCACHE_LOCAL_CPU", "LMCACHE_LOCAL_DISK", "LMCACHE_REMOTE_URL"} & legacy.keys())
+    if touches_tiers and not problems:
+        rank = max(legacy[name].rank for name in touches_tiers)
+        if raw.takes(("tiers",), rank):  # not overridden by LMCACHE_TIERS at a higher rank
+            if not tiers:
+                problems.append("LMCACHE_LOCAL_CPU=false leaves no tier: set LMCACHE_LOCAL_DISK or LMCACHE_TIERS")
+            else:
+                raw.set(("tiers",), tiers, " + ".join(legacy[name].origin for name in touches_tiers), rank)
+    return problems
+
+
+def _parse_serde(variable: str, value: Any) -> str:
+    if str(value) not in _REMOTE_SERDES:
+        raise SettingsError(f"{variable}: unsupported serde {value!r}; allowed: {', '.join(_REMOTE_SERDES)}")
+    return _REMOTE_SERDES[str(value)]
 
 
 def known_variables(registry: Registry) -> set[str]:
@@ -313,16 +372,93 @@ def known_variables(registry: Registry) -> set[str]:
     return names
 
 
-def _error_lines(error: ValidationError, raw: _Raw, prefix: tuple[str, ...] = ()) -> list[str]:
+def _without_none(annotation: Any) -> Any:
+    if get_origin(annotation) in (Union, UnionType):
+        arguments = [argument for argument in get_args(annotation) if argument is not type(None)]
+        if len(arguments) == 1:
+            return arguments[0]
+    return annotation
+
+
+def _field_at(model: type[BaseModel], loc: tuple[Any, ...]) -> FieldInfo | None:
+    """The field a validation error's location points at (through nested sections)."""
+    field = model.model_fields.get(str(loc[0])) if loc else None
+    nested = _without_none(field.annotation) if field else None
+    if len(loc) > 1 and isinstance(nested, type) and issubclass(nested, BaseModel):
+        return _field_at(nested, loc[1:])
+    return field
+
+
+def allowed_values(field: FieldInfo) -> str:
+    """What a field accepts, in an operator's words (for error messages)."""
+    annotation = _without_none(field.annotation)
+    if get_origin(annotation) is Literal:
+        return "one of " + ", ".join(map(str, get_args(annotation)))
+    bounds = "".join(
+        f" {symbol} {getattr(item, name)}"
+        for item in field.metadata
+        for name, symbol in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
+        if getattr(item, name, None) is not None
+    )
+    if annotation is bool:
+        return "true or false (also 1/0, yes/no, on/off)"
+    if isinstance(annotation, type) and issubclass(annotation, ByteSize):
+        return "a size like 4GiB or 512MB"
+    if annotation is int:
+        return f"an integer{bounds}"
+    if annotation is float:
+        return f"a finite number{bounds}"
+    if isinstance(annotation, type) and issubclass(annotation, PurePath):
+        return "a path"
+    if annotation is dict or get_origin(annotation) is dict:
+        return 'a JSON object like {"name": "value"}'
+    if annotation is list or get_origin(annotation) is list:
+        return "a comma-separated list"
+    return "a non-empty value"
+
+
+def _drop_blank(
+    model: type[BaseModel], section: dict[str, Any], loc: tuple[str, ...], raw: _Raw, problems: list[str]
+) -> dict[str, Any]:
+    """``section`` without blank text values. An empty variable means "unset" for a setting that
+    may be unset (default ``None``) and "empty" for lists and mappings; for anything else it is a
+    mistake, reported (``LMCACHE_DISK__PATH=`` would otherwise mean the working directory)."""
+    kept = dict(section)
+    for name, value in section.items():
+        field = model.model_fields.get(name)
+        if field is None:
+            continue
+        annotation = _without_none(field.annotation)
+        if isinstance(value, dict) and isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            kept[name] = _drop_blank(annotation, value, (*loc, name), raw, problems)
+        elif not isinstance(value, str) or value.strip():
+            continue
+        elif field.default is None and field.default_factory is None:
+            del kept[name]
+        elif not (annotation in (list, dict) or get_origin(annotation) in (list, dict)):
+            problems.append(f"{raw.origin_of((*loc, name))}: expected {allowed_values(field)}, got {value!r}"
+                            " (unset it for the default)")
+            del kept[name]
+    return kept
+
+
+_VAGUE_ERRORS = {"bool_parsing", "bool_type", "value_error", "dict_type", "json_invalid", "json_type"}
+
+
+def _error_lines(
+    error: ValidationError, raw: _Raw, model: type[BaseModel], prefix: tuple[str, ...] = ()
+) -> list[str]:
     lines = []
     for item in error.errors():
         loc = (*prefix, *item["loc"])
         where = raw.origin_of(loc)
         message = item["msg"]
-        if item["type"] == "byte_size":
+        if item["type"] in ("byte_size", "byte_size_unit"):
             message = "expected a size like 4GiB or 512MB"
         elif item["type"] == "extra_forbidden":
             message = "unknown setting"
+        elif item["type"] in _VAGUE_ERRORS and (field := _field_at(model, item["loc"])) is not None:
+            message = f"{message}; expected {allowed_values(field)}"
         value = item.get("input")
         shown = "" if isinstance(value, dict) or item["type"] == "missing" else f", got {redact(value)!r}"
         lines.append(f"{where}: {message}{shown}")
@@ -336,21 +472,21 @@ def load_settings(
 ) -> Settings:
     """Validate settings from the environment, the YAML file and ``overrides`` (highest precedence).
 
-    Raises :class:`SettingsError` whose message names each offending variable.
+    Raises :class:`SettingsError` whose message names each offending variable and what it allows.
     """
     env = dict(os.environ if environ is None else environ)
     raw = _Raw()
+    legacy: dict[str, _Legacy] = {}
     config_file = env.get(CONFIG_FILE_VARIABLE)
     if config_file:
-        _merge_yaml(raw, Path(config_file).expanduser())
+        _merge_yaml(raw, legacy, Path(config_file).expanduser())
 
     known = known_variables(registry)
-    legacy: dict[str, tuple[Any, str]] = {}
     for name, value in sorted(env.items()):
         if not name.startswith(PREFIX) or name == CONFIG_FILE_VARIABLE:
             continue
         if name in LEGACY_VARIABLES:
-            legacy[name] = (value, name)
+            legacy[name] = _Legacy(value, name, ENV_LEGACY)  # replaces the file's value of the name
             continue
         if name not in known:
             close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
@@ -358,12 +494,10 @@ def load_settings(
             log.warning("%s is not an lmcache-core setting and is ignored%s", name, hint)
             continue
         path = tuple(part.lower() for part in name[len(PREFIX) :].split("__"))
-        raw.set(path, value, name)
-    for key in _LEGACY_FILE_KEYS & raw.data.keys():  # LMCache YAML files use these names in lower case
-        legacy.setdefault(PREFIX + key.upper(), (raw.data.pop(key), raw.origin.pop((key,))))
-    _apply_legacy(raw, legacy, registry)
+        raw.set(path, value, name, ENV)
+    problems = _apply_legacy(raw, legacy, registry)
     for key, value in overrides.items():
-        raw.set((key,), value, key)
+        raw.set((key,), value, key, OVERRIDE)
     known_sections = [*Settings.model_fields, *registry.backends]
     for key in raw.data:
         if key not in known_sections:
@@ -372,58 +506,105 @@ def load_settings(
             hint = f"; did you mean {close[0]}?" if close else ""
             log.warning("%s: %r is not an lmcache-core setting and is ignored%s", where, key, hint)
 
-    problems: list[str] = []
     settings: Settings | None = None
     try:
-        settings = Settings(**raw.data)
+        settings = Settings(**_drop_blank(Settings, raw.data, (), raw, problems))
         tiers = settings.tiers
     except ValidationError as error:
-        problems.extend(_error_lines(error, raw))
+        problems.extend(_error_lines(error, raw, Settings))
         tiers = split_list(raw.get(("tiers",), ["cpu"]))  # still report the tiers' own problems
-    backends: dict[str, BackendSettings] = {}
-    for tier in tiers if isinstance(tiers, list) else []:
+    tiers = tiers if isinstance(tiers, list) else []
+    for tier in tiers:
         if tier not in registry.backends:
             problems.append(
                 f"{raw.origin_of(('tiers',))}: unknown tier {tier!r}; "
                 f"allowed: {', '.join(sorted(registry.backends)) or 'none (no plugin loaded)'}"
             )
+    # Every backend section present is validated, in use or not: a typo must not wait for the day
+    # the tier is switched on. A tier not in use whose plugin cannot load is skipped here.
+    backends: dict[str, BackendSettings] = {}
+    for name in registry.backends:
+        section = raw.get((name,))
+        if name not in tiers and section is None:
             continue
-        section = raw.get((tier,)) or {}
         try:
-            backends[tier] = registry.settings_model(tier).model_validate(section)
+            model = registry.settings_model(name)
+        except Exception as error:
+            if name in tiers:
+                problems.append(f"{raw.origin_of(('tiers',))}: tier {name!r} cannot load its settings: {error}")
+            continue
+        section = section if isinstance(section, dict) else {}
+        try:
+            backends[name] = model.model_validate(_drop_blank(model, section, (name,), raw, problems))
         except ValidationError as error:
-            problems.extend(_error_lines(error, raw, (tier,)))
+            problems.extend(_error_lines(error, raw, model, (name,)))
     from lmcache_core.codecs import available_codecs
 
     codecs = available_codecs()
     if settings is not None and settings.codec not in codecs:
         problems.append(f"{raw.origin_of(('codec',))}: unknown codec {settings.codec!r}; allowed: {', '.join(codecs)}")
-    for tier, section in backends.items():
+    for name, section in backends.items():
         if section.codec is not None and section.codec not in codecs:
             problems.append(
-                f"{raw.origin_of((tier, 'codec'))}: unknown codec {section.codec!r}; allowed: {', '.join(codecs)}"
+                f"{raw.origin_of((name, 'codec'))}: unknown codec {section.codec!r}; allowed: {', '.join(codecs)}"
             )
     if problems or settings is None:
+        if len(problems) == 1:  # one line: what the CLI prints and a log shows
+            raise SettingsError(f"invalid lmcache-core settings: {problems[0]}")
         raise SettingsError("invalid lmcache-core settings:\n  " + "\n  ".join(problems))
-    settings._backends = backends
+    settings._backends = {name: section for name, section in backends.items() if name in tiers}
     return settings
 
 
+# Names of URL query parameters and mapping entries that hold credentials: ``password=``,
+# ``aws_secret_access_key=``, ``X-Amz-Signature=``, ``api_key=``, ``session_token=``, a SAS ``sig=``...
+_SECRET_NAME = re.compile(r"pass|pwd|secret|token|key|credential|signature|auth|^sig$", re.IGNORECASE)
+REDACTED = "**********"
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether a query parameter or mapping entry called ``name`` is taken to hold a secret."""
+    return bool(_SECRET_NAME.search(name))
+
+
 def redact(value: Any) -> Any:
-    """Hide secrets: SecretStr values and passwords inside URLs."""
-    if isinstance(value, dict):
-        return {key: redact(item) for key, item in value.items()}
+    """Hide secrets: SecretStr values, credentials inside URLs, and text under secret-like names in
+    mappings (``storage_options``, say). What ``lmcache-core info`` and every log line show."""
+    if isinstance(value, Mapping):
+        return {
+            key: REDACTED if isinstance(item, str) and is_secret_name(str(key)) else redact(item)
+            for key, item in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [redact(item) for item in value]
     if isinstance(value, SecretStr):
-        return "**********"
+        return REDACTED
     if isinstance(value, str) and "://" in value:
         return redact_url(value)
     return value
 
 
 def redact_url(url: str) -> str:
-    parts = urlsplit(url)
-    userinfo, at, hostport = parts.netloc.rpartition("@")
-    if not at or ":" not in userinfo:  # no password; never parse the port: it may be what is invalid
+    """``url`` with the password of its user info and the values of secret-named query (and
+    fragment) parameters replaced by ``***``. Parsed by hand, never with ``urlsplit``: a URL that
+    is invalid (a bad port, an unclosed ``[``) must still be shown, redacted, in the error about it."""
+    scheme, separator, rest = url.partition("://")
+    if not separator:
         return url
-    user = userinfo.split(":", 1)[0]
-    return urlunsplit((parts.scheme, f"{user}:***@{hostport}", parts.path, parts.query, parts.fragment))
+    rest, hash_sign, fragment = rest.partition("#")
+    rest, question_mark, query = rest.partition("?")
+    authority, slash, path = rest.partition("/")
+    userinfo, at, hostport = authority.rpartition("@")
+    if at and ":" in userinfo:
+        authority = f"{userinfo.split(':', 1)[0]}:***@{hostport}"
+    return (f"{scheme}://{authority}{slash}{path}{question_mark}{_redact_parameters(query)}"
+            f"{hash_sign}{_redact_parameters(fragment)}")
+
+
+def _redact_parameters(text: str) -> str:
+    parts = re.split(r"([&;])", text)
+    for index, part in enumerate(parts):
+        name, equals, _ = part.partition("=")
+        if equals and is_secret_name(unquote_plus(name)):
+            parts[index] = f"{name}=***"
+    return "".join(parts)

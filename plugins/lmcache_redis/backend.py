@@ -280,7 +280,7 @@ class RedisBackend(SerializingBackend):
         return written
 
     def iter_keys(self) -> Iterator[str]:
-        for raw in self._client().scan_iter(match="v*:*", count=1000):
+        for raw in self._client().scan_iter(match="v[0-9]*:*:*@*:*:r*of*:*", count=1000):  # ChunkKey.parse decides
             name = raw.decode() if isinstance(raw, bytes | bytearray) else str(raw)
             try:
                 ChunkKey.parse(name)

@@ -289,10 +289,90 @@ def test_key_string_round_trips(tokens: list[int], namespace: str, algorithm: st
         assert text.isascii() and "/" not in text and " " not in text  # safe as a file name / object key
 
 
-@pytest.mark.parametrize("text", ["", "no-colon", "x1:tenant:00ff", "v1:tenant:not-hex"])
+_layouts = st.builds(
+    KVLayout,
+    num_layers=st.integers(1, 200),
+    num_kv_heads=st.integers(1, 128),
+    head_dim=st.integers(1, 512),
+    dtype=st.sampled_from(["bfloat16", "float16", "float32", "uint8", "float8_e4m3fn", "float8_e5m2"]),
+)
+_scopes = st.builds(
+    CacheScope,
+    namespace=_scope_text,
+    model_name=_scope_text,
+    model_digest=st.one_of(st.just("unknown"), st.text("0123456789abcdef", min_size=12, max_size=64)),
+    layout=_layouts,
+    tp_rank=st.integers(0, 63),
+    tp_world_size=st.integers(1, 64),
+)
+
+
+@given(scope=_scopes, tokens=token_ids, algorithm=algorithms)
+def test_every_key_parses_back_to_itself(scope: CacheScope, tokens: list[int], algorithm: str) -> None:
+    """parse(str(key)) == key for every scope the hasher accepts: the strict grammar never loses one
+    of our own keys (``lmcache-core ls`` / ``clear`` would then leave it behind)."""
+    for key in hasher(scope, algorithm=algorithm).keys(tokens, include_partial=True):
+        assert ChunkKey.parse(str(key)) == key
+        assert ChunkKey.parse(str(key)).in_namespace(scope.namespace)
+
+
+_DIGEST = "0123456789abcdef" * 2
+_VALID = f"v1:tenant:org-model@0123456789ab:bfloat16-l2h4d8:r0of1:{_DIGEST}"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "no-colon",
+        "x1:tenant:00ff",
+        "v1:tenant:not-hex",
+        # other applications' keys in a shared Redis keyspace or bucket (defect 7)
+        "visits:2024:10",
+        "v9-not-a-chunk",
+        "version:1:deadbeef",
+        f"visits:2024:{_DIGEST}",
+        f"v1:tenant:{_DIGEST}",
+        # almost ours: every part of the grammar is checked
+        _VALID[:-2],  # digest too short
+        _VALID + "00",  # digest too long
+        _VALID.upper(),  # str(key) writes lower-case hex
+        _VALID.replace("v1:", "v:"),
+        _VALID.replace("v1:", "vx:"),
+        _VALID.replace(":tenant:", "::"),
+        _VALID.replace(":tenant:", ":ten ant:"),
+        _VALID.replace("org-model@", "org-model"),
+        _VALID.replace(":bfloat16-l2h4d8:", ":bfloat16:"),
+        _VALID.replace(":r0of1:", ":rank0:"),
+        _VALID.replace(":r0of1:", ":"),
+        " " + _VALID,
+        _VALID + "\n",
+    ],
+)
 def test_parse_rejects_what_is_not_a_key(text: str) -> None:
     with pytest.raises(ValueError):
         ChunkKey.parse(text)
+
+
+def test_parse_accepts_fields_a_later_scope_adds() -> None:
+    """The scope prefix may gain fields (say the KV format); keys with them still parse, round-trip,
+    and keep their namespace, so an upgrade never makes ``clear`` skip (or touch) the wrong keys."""
+    for text in (
+        _VALID,
+        _VALID.replace(":r0of1:", ":r0of1:kv-fp8_e4m3:"),
+        _VALID.replace("@0123456789ab:", "@0123456789ab:w-5f2c9d1e:"),
+        _VALID.replace("v1:", "v2:"),
+    ):
+        key = ChunkKey.parse(text)
+        assert str(key) == text
+        assert key.in_namespace("tenant") and not key.in_namespace("tenant-b")
+
+
+def test_in_namespace_compares_the_namespace_as_the_prefix_writes_it() -> None:
+    key = hasher(dataclasses.replace(SCOPE, namespace="team/a")).keys(_TOKENS)[0]
+    assert key.in_namespace("team/a")
+    assert not key.in_namespace("team")
+    assert not key.in_namespace("a")
 
 
 # --- vectorized hashing -------------------------------------------------------------------------

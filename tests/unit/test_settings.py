@@ -396,3 +396,157 @@ def test_every_setting_has_a_description() -> None:
             models.add(registry.settings_model(name))
     assert {"cpu", "disk"} <= registry.backends.keys()
     assert [name for model in sorted(models, key=lambda m: m.__name__) for name in _undocumented(model)] == []
+
+
+# --- secrets in URL query strings (issue 9, defect 8) ---------------------------------------------
+
+SECRET = "hunter2"
+
+
+@pytest.mark.parametrize(
+    ("url", "kept"),
+    [
+        ("redis://cache.internal:6379/0?password=hunter2", "redis://cache.internal:6379/0?password=***"),
+        ("rediss://cache:6380/0?ssl_cert_reqs=none&password=hunter2", "rediss://cache:6380/0?ssl_cert_reqs=none&"),
+        ("unix:///run/redis.sock?db=0&password=hunter2", "unix:///run/redis.sock?db=0&"),
+        ("redis://user:hunter2@cache:6379/0?password=hunter2", "redis://user:***@cache:6379/0?"),
+        ("s3://bucket/prefix?aws_access_key_id=AKIA1&aws_secret_access_key=hunter2", "s3://bucket/prefix?"),
+        ("s3://bucket/prefix?X-Amz-Credential=hunter2&X-Amz-Signature=hunter2", "s3://bucket/prefix?"),
+        ("https://store.example/p?sv=2024&sig=hunter2", "https://store.example/p?sv=2024&"),
+        ("kv://cache/0?api_key=hunter2&timeout=3", "timeout=3"),
+        ("kv://cache/0?session_token=hunter2", "kv://cache/0?"),
+        ("kv://cache/0?client_secret=hunter2", "kv://cache/0?"),
+        ("kv://cache/0?pass%77ord=hunter2", "kv://cache/0?"),  # the name is percent-encoded
+        ("kv://cache/0?PASSWORD=hunter2;db=1", "db=1"),
+        ("kv://cache/0#access_token=hunter2", "kv://cache/0#"),
+        ("kv://[::1/0?password=hunter2", "kv://"),  # unparsable host: still redacted, never a crash
+    ],
+)
+def test_redact_hides_secrets_in_query_strings(url: str, kept: str) -> None:
+    from lmcache_core.settings import redact, redact_url
+
+    for redacted in (redact_url(url), redact(url)):
+        assert SECRET not in redacted, redacted
+        assert kept in redacted, redacted
+
+
+def test_redact_leaves_urls_without_secrets_alone() -> None:
+    from lmcache_core.settings import redact_url
+
+    for url in ("redis://cache:6379/0", "unix:///run/redis.sock?db=0", "s3://bucket/prefix", "kv://h/0?a=1&b"):
+        assert redact_url(url) == url
+
+
+def test_redact_hides_secret_named_entries_of_mappings() -> None:
+    """storage_options and similar free-form mappings are shown by ``info``: credentials in them are not."""
+    from lmcache_core.settings import redact
+
+    options = {"profile": "cache", "secret": SECRET, "key": SECRET, "client_kwargs": {"aws_session_token": SECRET}}
+    shown = redact({"storage_options": options})
+    assert SECRET not in json.dumps(shown)
+    assert shown["storage_options"]["profile"] == "cache"
+
+
+def test_effective_settings_redact_query_string_secrets(registry: Registry) -> None:
+    env = {"LMCACHE_REMOTE_URL": "kv://cache.internal:7000/0?password=hunter2",
+           "LMCACHE_KVSTORE__REPLICA": "kv://replica/0?token=hunter2"}
+    assert SECRET not in json.dumps(load(registry, env).effective(), default=str)
+
+
+# --- settings edge cases (issue 9, defect 9) --------------------------------------------------------
+
+
+@pytest.mark.parametrize("variable", ["LMCACHE_MAX_LOCAL_CPU_SIZE", "LMCACHE_MAX_LOCAL_DISK_SIZE"])
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e400", "Infinity"])
+def test_legacy_sizes_that_are_no_finite_number_are_a_settings_error(
+    registry: Registry, variable: str, value: str
+) -> None:
+    message = error_of(registry, {variable: value})
+    assert variable in message and repr(value) in message and "GB" in message
+
+
+def test_legacy_size_in_a_yaml_file_that_is_infinite(registry: Registry, config_file: Path) -> None:
+    config_file.write_text("max_local_cpu_size: .inf\n")
+    message = error_of(registry, {"LMCACHE_CONFIG_FILE": str(config_file)})
+    assert "max_local_cpu_size" in message and "GB" in message
+
+
+# (legacy name, its value, new-style name, its value, what to read, expected from legacy, from new)
+_LEGACY_AND_NEW = [
+    ("max_local_cpu_size", "2", "LMCACHE_CPU__MAX_SIZE", "4GiB",
+     lambda s: s.backend("cpu").max_size, 2 * GIB, 4 * GIB),
+    ("max_local_disk_size", "2", "LMCACHE_DISK__MAX_SIZE", "3GiB",
+     lambda s: s.backend("disk").max_size, 2 * GIB, 3 * GIB),
+    ("local_disk", "/tmp/lmcache-legacy", "LMCACHE_DISK__PATH", "/tmp/lmcache-new",
+     lambda s: str(s.backend("disk").path), "/tmp/lmcache-legacy", "/tmp/lmcache-new"),
+    ("remote_url", "kv://legacy:7000", "LMCACHE_KVSTORE__URL", "kv://new:7000",
+     lambda s: str(s.backend("kvstore").url), "kv://legacy:7000", "kv://new:7000"),
+    ("remote_serde", "fp8", "LMCACHE_KVSTORE__CODEC", "raw",
+     lambda s: s.backend("kvstore").codec, "fp8", "raw"),
+    ("local_cpu", "false", "LMCACHE_TIERS", "cpu,disk",
+     lambda s: s.tiers, ["disk", "kvstore"], ["cpu", "disk"]),
+]
+# what each case needs besides the pair, so that the tiers it reads exist
+_CONTEXT = {"LMCACHE_LOCAL_DISK": "/tmp/lmcache-legacy", "LMCACHE_REMOTE_URL": "kv://legacy:7000"}
+
+
+@pytest.mark.parametrize(("legacy", "legacy_value", "new", "new_value", "read", "from_legacy", "from_new"),
+                         _LEGACY_AND_NEW, ids=[case[0] for case in _LEGACY_AND_NEW])
+def test_env_wins_over_the_file_for_every_legacy_and_new_pair(
+    registry: Registry, config_file: Path, legacy: str, legacy_value: str, new: str, new_value: str,
+    read, from_legacy: object, from_new: object,  # type: ignore[no-untyped-def]
+) -> None:
+    legacy_variable = "LMCACHE_" + legacy.upper()
+    context = {k: v for k, v in _CONTEXT.items() if k != legacy_variable}
+
+    # the legacy name in the file, the new name in the environment: the environment wins
+    config_file.write_text("".join(f"{k[len('LMCACHE_'):].lower()}: {v}\n" for k, v in context.items())
+                           + f"{legacy}: {legacy_value}\n")
+    assert read(load(registry, {"LMCACHE_CONFIG_FILE": str(config_file), new: new_value})) == from_new
+
+    # the new name in the file, the legacy name in the environment: the environment wins
+    section, _, field = new[len("LMCACHE_"):].lower().partition("__")
+    config_file.write_text(f"{section}:\n  {field}: {new_value}\n" if field else f"{section}: {new_value}\n")
+    assert read(load(registry, {"LMCACHE_CONFIG_FILE": str(config_file), **context,
+                                legacy_variable: legacy_value})) == from_legacy
+
+    # both in the environment: the new name, which says exactly what it sets, wins
+    assert read(load(registry, {**context, legacy_variable: legacy_value, new: new_value})) == from_new
+
+
+@pytest.mark.parametrize(
+    ("env", "must_mention"),
+    [
+        # LMCACHE_REMOTE_SERDE does nothing without LMCACHE_REMOTE_URL, but a typo is still a typo
+        ({"LMCACHE_REMOTE_SERDE": "zip"}, ["LMCACHE_REMOTE_SERDE", "'zip'", "naive", "fp8"]),
+        ({"LMCACHE_TIERS": "cpu", "LMCACHE_LOCAL_CPU": "maybe"}, ["LMCACHE_LOCAL_CPU", "'maybe'", "true"]),
+        ({"LMCACHE_TIERS": "cpu", "LMCACHE_REMOTE_URL": "mongodb://db"}, ["LMCACHE_REMOTE_URL", "'mongodb'"]),
+        ({"LMCACHE_TIERS": "cpu", "LMCACHE_REMOTE_URL": ""}, ["LMCACHE_REMOTE_URL", "''"]),
+        ({"LMCACHE_REMOTE_URL": "kv://[::1:7000"}, ["LMCACHE_REMOTE_URL"]),
+        ({"LMCACHE_LOCAL_DISK": ""}, ["LMCACHE_LOCAL_DISK", "''", "path"]),
+        ({"LMCACHE_TIERS": "cpu", "LMCACHE_MAX_LOCAL_DISK_SIZE": "nan"}, ["LMCACHE_MAX_LOCAL_DISK_SIZE", "'nan'"]),
+        # a backend section of a tier that is not in use is validated too
+        ({"LMCACHE_TIERS": "cpu", "LMCACHE_DISK__MAX_SIZE": "lots"}, ["LMCACHE_DISK__MAX_SIZE", "'lots'", "4GiB"]),
+        ({"LMCACHE_TIERS": "cpu", "LMCACHE_KVSTORE__TIMEOUT_S": "soon"}, ["LMCACHE_KVSTORE__TIMEOUT_S", "'soon'"]),
+    ],
+)
+def test_invalid_values_are_refused_even_where_they_take_no_effect(
+    registry: Registry, env: dict[str, str], must_mention: list[str]
+) -> None:
+    message = error_of(registry, env)
+    for text in must_mention:
+        assert text in message, f"{text!r} missing from: {message}"
+
+
+def test_legacy_problems_are_reported_with_the_others(registry: Registry) -> None:
+    message = error_of(registry, {"LMCACHE_REMOTE_SERDE": "zip", "LMCACHE_LOCAL_CPU": "maybe",
+                                  "LMCACHE_CHUNK_SIZE": "abc"})
+    assert "LMCACHE_REMOTE_SERDE" in message and "LMCACHE_LOCAL_CPU" in message and "LMCACHE_CHUNK_SIZE" in message
+
+
+def test_a_valid_serde_without_a_remote_url_is_pointed_out(
+    registry: Registry, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING):
+        load(registry, {"LMCACHE_REMOTE_SERDE": "naive"})
+    assert "LMCACHE_REMOTE_SERDE" in caplog.text and "LMCACHE_REMOTE_URL" in caplog.text
