@@ -48,7 +48,13 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from lmcache_core.backend import Chunk
 from lmcache_core.engine import CacheEngine
-from lmcache_core.integrations.vllm.layouts import cpu_attention_isa, cpu_layout_matches_vllm, detect_layout
+from lmcache_core.integrations.vllm.layouts import (
+    CPU_LAYOUTS,
+    CPULayoutError,
+    cpu_attention_isa,
+    cpu_layout_for,
+    detect_layout,
+)
 from lmcache_core.integrations.vllm.lookup import LookupClient, LookupServer, socket_path
 from lmcache_core.integrations.vllm.paged import PagedLayout, copy_paged_kv, slots_for
 from lmcache_core.keys import CacheScope, KVLayout, config_digest
@@ -319,14 +325,18 @@ class LMCacheCoreConnector(KVConnectorBase_V1):
         if layout is PagedLayout.MLA:
             num_kv_heads = 1
             head_dim = next(iter(kv_caches.values())).shape[-1]
-        if layout is PagedLayout.CPU:
-            kernel_block_size = next(iter(kv_caches.values())).shape[2]
-            isa = cpu_attention_isa(dtype, kernel_block_size, head_dim, self._vllm_config.cache_config.cache_dtype)
-            if not cpu_layout_matches_vllm(
-                dtype=dtype, block_size=kernel_block_size, num_kv_heads=num_kv_heads, head_dim=head_dim, isa=isa
-            ):
-                log.error("lmcache-core does not know vLLM's CPU KV layout for isa=%s, dtype=%s: caching is off "
-                          "(please report this)", isa, dtype)
+        if layout in CPU_LAYOUTS:
+            first_name, first = next(iter(kv_caches.items()))
+            attention = self._vllm_config.compilation_config.static_forward_context.get(first_name)
+            model_dtype = self._vllm_config.model_config.dtype
+            kv_cache_dtype = self._vllm_config.cache_config.cache_dtype
+            isa = getattr(attention, "isa", None) or cpu_attention_isa(model_dtype, first.shape[2], head_dim,
+                                                                        kv_cache_dtype)
+            try:
+                layout = cpu_layout_for(isa=isa, dtype=model_dtype, block_size=first.shape[2],
+                                        num_kv_heads=num_kv_heads, head_dim=head_dim, kv_cache_dtype=kv_cache_dtype)
+            except CPULayoutError as error:
+                log.error("lmcache-core: caching is off: %s", error)
                 return
         rank = get_pp_group().rank_in_group * parallel.tensor_parallel_size + get_tensor_model_parallel_rank()
         world = parallel.tensor_parallel_size * parallel.pipeline_parallel_size
