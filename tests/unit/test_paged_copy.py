@@ -141,7 +141,7 @@ def test_shape_errors_name_the_expected_shape() -> None:
 
 
 ISAS = ["vec", "vec16", "amx"]  # every ISA vLLM's CPU backend picks on x86 (cpu_attn._get_attn_isa)
-KV_CACHE_DTYPES = ["auto", "fp8_e4m3", "fp8_e5m2"]
+KV_CACHE_DTYPES = ["auto", "bfloat16", "fp8_e4m3", "fp8_e5m2"]
 
 
 # Importing vLLM emits deprecation warnings from its dependencies; they are not ours to fix.

@@ -36,6 +36,14 @@ FP8_CACHE_DTYPES: dict[str, torch.dtype] = {
 }
 
 
+# Caches of plain floats (None: the model's dtype).
+_FLOAT_CACHE_DTYPES: dict[str, torch.dtype | None] = {
+    "auto": None,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
 class CPULayoutError(RuntimeError):
     """No known layout reads back what vLLM's CPU cache-write op wrote (or the op cannot run)."""
 
@@ -73,8 +81,12 @@ def vllm_cpu_cache_write(
     import vllm._custom_ops as ops
 
     fp8 = FP8_CACHE_DTYPES.get(kv_cache_dtype)
-    if kv_cache_dtype != "auto" and fp8 is None:
-        raise CacheWriteUnavailable(f"kv_cache_dtype={kv_cache_dtype!r} is not supported by lmcache-core on CPU")
+    if fp8 is None:  # a cache of plain floats: the model's dtype, or the one kv_cache_dtype names
+        if kv_cache_dtype not in _FLOAT_CACHE_DTYPES:
+            raise CacheWriteUnavailable(f"kv_cache_dtype={kv_cache_dtype!r} is not supported by lmcache-core on CPU "
+                                        f"(supported: {', '.join([*_FLOAT_CACHE_DTYPES, *FP8_CACHE_DTYPES])})")
+        dtype = _FLOAT_CACHE_DTYPES[kv_cache_dtype] or dtype
+        kv_cache_dtype = "auto"
     num_blocks = 3
     num_tokens = block_size + 3  # crosses a block boundary, ends mid-block
     generator = torch.Generator().manual_seed(0)
