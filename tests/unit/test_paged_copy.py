@@ -148,7 +148,7 @@ KV_CACHE_DTYPES = ["auto", "bfloat16", "fp8_e4m3", "fp8_e5m2"]
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
 @pytest.mark.parametrize("block_size", [16, 32, 128])
 @pytest.mark.parametrize("kv_cache_dtype", KV_CACHE_DTYPES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("isa", ISAS)
 def test_cpu_layout_matches_vllm_cache_write(
     isa: str, dtype: torch.dtype, kv_cache_dtype: str, block_size: int
@@ -180,7 +180,7 @@ def test_cpu_layout_matches_vllm_cache_write(
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("block_size", [32, 128])
 def test_the_isa_vllm_picks_here_has_a_verified_layout(
     dtype: torch.dtype, block_size: int, kv_cache_dtype: str
