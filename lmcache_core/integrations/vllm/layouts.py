@@ -86,7 +86,7 @@ def vllm_cpu_cache_write(
             raise CacheWriteUnavailable(f"kv_cache_dtype={kv_cache_dtype!r} is not supported by lmcache-core on CPU "
                                         f"(supported: {', '.join([*_FLOAT_CACHE_DTYPES, *FP8_CACHE_DTYPES])})")
         dtype = _FLOAT_CACHE_DTYPES[kv_cache_dtype] or dtype
-        kv_cache_dtype = "auto"
+    op_cache_dtype = "auto" if fp8 is None else kv_cache_dtype  # the op takes "auto" for float caches
     num_blocks = 3
     num_tokens = block_size + 3  # crosses a block boundary, ends mid-block
     generator = torch.Generator().manual_seed(0)
@@ -99,7 +99,7 @@ def vllm_cpu_cache_write(
     key_cache, value_cache = layer.view(num_blocks, num_kv_heads, 2 * block_size, head_dim).chunk(2, dim=2)
     slots = torch.randperm(num_blocks * block_size, generator=generator)[:num_tokens]
     try:
-        ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slots, isa, 1.0, 1.0, kv_cache_dtype)
+        ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slots, isa, 1.0, 1.0, op_cache_dtype)
     except Exception as error:  # an ISA this build or CPU does not have, an unsupported block size
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CacheWriteUnavailable(f"vLLM cannot write isa={isa} {dtype} kv_cache_dtype={kv_cache_dtype} "
