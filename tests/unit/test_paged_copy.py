@@ -1,7 +1,8 @@
 """copy_paged_kv against a per-token oracle on synthetic paged caches of every supported layout.
 
-The oracle spells out, element by element, where each layout keeps a token's K and V. For the vLLM
-CPU layout it is also checked against vLLM's own cache-write op when vLLM is installed.
+The oracle spells out, element by element, where each layout keeps a token's K and V. The vLLM CPU
+layouts (one per attention ISA, and fp8 caches as bytes) are also checked against vLLM's own
+cache-write op when vLLM is installed, for every ISA this machine and build can write.
 """
 
 from __future__ import annotations
@@ -11,18 +12,21 @@ import torch
 
 from lmcache_core.integrations.vllm.paged import PagedLayout, copy_paged_kv, slots_for
 
-BLOCKS, HEADS, BLOCK_SIZE, HEAD_DIM, LAYERS = 6, 2, 8, 4, 3
+BLOCKS, HEADS, BLOCK_SIZE, HEAD_DIM, LAYERS = 6, 2, 32, 16, 3  # the AMX layout needs multiples of 16
 
 
 def make_layer(layout: PagedLayout, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     shape = {
         PagedLayout.CPU: (BLOCKS, HEADS, BLOCK_SIZE, 2 * HEAD_DIM),
+        PagedLayout.CPU_AMX: (BLOCKS, HEADS, BLOCK_SIZE, 2 * HEAD_DIM),
         PagedLayout.STANDARD: (BLOCKS, HEADS, BLOCK_SIZE, 2 * HEAD_DIM),
         PagedLayout.FLASH_ATTN: (2, BLOCKS, BLOCK_SIZE, HEADS, HEAD_DIM),
         PagedLayout.FLASHINFER_NHD: (BLOCKS, 2, BLOCK_SIZE, HEADS, HEAD_DIM),
         PagedLayout.FLASHINFER_HND: (BLOCKS, 2, HEADS, BLOCK_SIZE, HEAD_DIM),
         PagedLayout.MLA: (BLOCKS, BLOCK_SIZE, 3 * HEAD_DIM),
     }[layout]
+    if dtype == torch.uint8:  # an fp8 cache: vLLM keeps it as bytes
+        return torch.randint(0, 256, shape, dtype=torch.uint8)
     return torch.randn(shape).to(dtype)
 
 
@@ -35,6 +39,16 @@ def oracle_get(layer: torch.Tensor, layout: PagedLayout, part: int, slot: int) -
             index = torch.arange(HEAD_DIM) * BLOCK_SIZE + offset
         else:  # V after all of K: (offset, d) at BLOCK_SIZE*HEAD_DIM + offset*HEAD_DIM + d
             index = BLOCK_SIZE * HEAD_DIM + offset * HEAD_DIM + torch.arange(HEAD_DIM)
+        return flat[block][:, index]
+    if layout is PagedLayout.CPU_AMX:
+        flat = layer.reshape(BLOCKS, HEADS, 2 * BLOCK_SIZE * HEAD_DIM)
+        pair = 2 if layer.element_size() <= 2 else 1  # values per 4-byte AMX group
+        dim = torch.arange(HEAD_DIM)
+        if part == 0:  # K: 16-token groups; in each, per dim pair, 16 tokens x pair
+            index = (offset // 16) * 16 * HEAD_DIM + (dim // pair) * 16 * pair + (offset % 16) * pair + dim % pair
+        else:  # V after K: 16-dim groups; in each, per token pair, 16 dims x pair tokens
+            index = (BLOCK_SIZE * HEAD_DIM + (dim // 16) * BLOCK_SIZE * 16 + (offset // pair) * 16 * pair
+                     + (dim % 16) * pair + offset % pair)
         return flat[block][:, index]
     if layout is PagedLayout.STANDARD:
         return layer[block, :, offset, part * HEAD_DIM : (part + 1) * HEAD_DIM]
@@ -62,7 +76,7 @@ def some_slots(kind: str) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("kind", ["tokens", "blocks"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.uint8])
 @pytest.mark.parametrize("layout", list(PagedLayout))
 def test_save_matches_oracle(layout: PagedLayout, dtype: torch.dtype, kind: str) -> None:
     torch.manual_seed(0)
@@ -77,13 +91,15 @@ def test_save_matches_oracle(layout: PagedLayout, dtype: torch.dtype, kind: str)
 
 
 @pytest.mark.parametrize("kind", ["tokens", "blocks"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.uint8])
 @pytest.mark.parametrize("layout", list(PagedLayout))
-def test_load_writes_only_its_slots(layout: PagedLayout, kind: str) -> None:
+def test_load_writes_only_its_slots(layout: PagedLayout, dtype: torch.dtype, kind: str) -> None:
     torch.manual_seed(1)
-    paged = [make_layer(layout) for _ in range(LAYERS)]
+    paged = [make_layer(layout, dtype) for _ in range(LAYERS)]
     before = [layer.clone() for layer in paged]
     slots = some_slots(kind)
-    buffer = buffer_for(layout, len(slots), torch.float32).normal_()
+    buffer = buffer_for(layout, len(slots), dtype)
+    buffer.copy_(torch.randint(0, 256, buffer.shape) if dtype == torch.uint8 else torch.randn(buffer.shape))
     copy_paged_kv(paged, buffer, slots, layout, "load")
     touched = set(slots.tolist())
     for layer_index, (layer, old) in enumerate(zip(paged, before, strict=True)):
@@ -124,13 +140,59 @@ def test_shape_errors_name_the_expected_shape() -> None:
         copy_paged_kv(paged, torch.empty(LAYERS, 2, 5, HEADS, HEAD_DIM), torch.arange(4), PagedLayout.STANDARD, "save")
 
 
+ISAS = ["vec", "vec16", "amx"]  # every ISA vLLM's CPU backend picks on x86 (cpu_attn._get_attn_isa)
+KV_CACHE_DTYPES = ["auto", "bfloat16", "fp8_e4m3", "fp8_e5m2"]
+
+
 # Importing vLLM emits deprecation warnings from its dependencies; they are not ours to fix.
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("block_size", [16, 32, 128])
-def test_cpu_layout_matches_vllm_cache_write(dtype: torch.dtype, block_size: int) -> None:
-    """The ground truth for the CPU layout is vLLM's own cache-write kernel."""
-    pytest.importorskip("vllm")
-    from lmcache_core.integrations.vllm.layouts import cpu_layout_matches_vllm
+@pytest.mark.parametrize("kv_cache_dtype", KV_CACHE_DTYPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("isa", ISAS)
+def test_cpu_layout_matches_vllm_cache_write(
+    isa: str, dtype: torch.dtype, kv_cache_dtype: str, block_size: int
+) -> None:
+    """The ground truth for the CPU layouts is vLLM's own cache-write kernel, for each ISA it has.
 
-    assert cpu_layout_matches_vllm(dtype=dtype, block_size=block_size, num_kv_heads=2, head_dim=64)
+    Skipped, with vLLM's reason, only where vLLM cannot write that combination on this machine
+    (e.g. ``amx`` with 16-token blocks, fp8 with ``vec16``, ``amx`` in a build without AMX).
+    """
+    pytest.importorskip("vllm")
+    from lmcache_core.integrations.vllm.layouts import (
+        CPU_ISA_LAYOUTS,
+        CacheWriteUnavailable,
+        cpu_layout_for,
+        layout_reads,
+        vllm_cpu_cache_write,
+    )
+
+    shape = {"isa": isa, "dtype": dtype, "block_size": block_size, "num_kv_heads": 2,
+             "head_dim": 80 if isa == "vec16" else 64,  # vLLM picks vec16 for head sizes not a multiple of 32
+             "kv_cache_dtype": kv_cache_dtype}
+    try:
+        written = vllm_cpu_cache_write(**shape)
+    except CacheWriteUnavailable as error:
+        pytest.skip(str(error))
+    assert layout_reads(CPU_ISA_LAYOUTS[isa], written)
+    assert cpu_layout_for(**shape) is CPU_ISA_LAYOUTS[isa]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("block_size", [32, 128])
+def test_the_isa_vllm_picks_here_has_a_verified_layout(
+    dtype: torch.dtype, block_size: int, kv_cache_dtype: str
+) -> None:
+    """What the connector's start-up check does on this machine (AMX hosts pick ``amx`` for bf16)."""
+    pytest.importorskip("vllm")
+    from lmcache_core.integrations.vllm.layouts import CPU_ISA_LAYOUTS, cpu_attention_isa, cpu_layout_for
+
+    try:
+        isa = cpu_attention_isa(dtype, block_size, 64, kv_cache_dtype)
+    except NotImplementedError as error:  # fp8 needs AVX-512 or AMX: vLLM itself refuses to start
+        pytest.skip(f"vLLM refuses kv_cache_dtype={kv_cache_dtype} on this CPU: {error}")
+    layout = cpu_layout_for(isa=isa, dtype=dtype, block_size=block_size, num_kv_heads=2, head_dim=64,
+                            kv_cache_dtype=kv_cache_dtype)
+    assert layout is CPU_ISA_LAYOUTS[isa]

@@ -59,7 +59,12 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 from lmcache_core.backend import Chunk
 from lmcache_core.engine import CacheEngine
 from lmcache_core.errors import SettingsError
-from lmcache_core.integrations.vllm.layouts import cpu_attention_isa, cpu_layout_matches_vllm, detect_layout
+from lmcache_core.integrations.vllm.layouts import (
+    CPU_LAYOUTS,
+    cpu_attention_isa,
+    cpu_layout_for,
+    detect_layout,
+)
 from lmcache_core.integrations.vllm.lookup import LookupClient, LookupServer, socket_path
 from lmcache_core.integrations.vllm.paged import PagedLayout, copy_paged_kv, slots_for
 from lmcache_core.keys import CacheScope, KVLayout, config_digest
@@ -476,23 +481,42 @@ class LMCacheCoreConnector(KVConnectorBase_V1):
         from vllm.distributed import get_pp_group, get_tensor_model_parallel_rank
 
         parallel = self._vllm_config.parallel_config
+        rank = get_pp_group().rank_in_group * parallel.tensor_parallel_size + get_tensor_model_parallel_rank()
+        world = parallel.tensor_parallel_size * parallel.pipeline_parallel_size
+        try:
+            self._start_caching(kv_caches, rank, world)
+        except Exception as error:  # never fail vLLM's start: run without the cache, and say so
+            if self._engine is not None:
+                self._engine.close()
+                self._engine = None
+            log.debug("lmcache-core start-up failure", exc_info=True)
+            log.error("lmcache-core: KV caching is OFF (no loads, no saves; generations are unaffected): %s", error)
+        # Served even when caching is off: the scheduler then hears "0 chunks" instead of warning
+        # that it cannot reach this worker.
+        path = socket_path(str(self._kv_transfer_config.engine_id), parallel.data_parallel_rank, rank)
+        self._server = LookupServer(path, self._serve_lookup)
+        if self._engine is not None and self._layout is not None:
+            log.info("lmcache-core connector (worker %d/%d): layout=%s, %d layers, scope %s, tiers=%s, lookups on %s",
+                     rank, world, self._layout.value, len(self._layers), self._engine.scope.prefix,
+                     ",".join(self._settings.tiers), path)
+
+    def _start_caching(self, kv_caches: dict[str, torch.Tensor], rank: int, world: int) -> None:
+        """Check the cache layout and open the tiers; raises with the reason when caching cannot work."""
         layout = detect_layout(kv_caches, self._vllm_config)
         spec = self._kv_cache_config.kv_cache_groups[0].kv_cache_spec
         num_kv_heads, head_dim, dtype = spec.num_kv_heads, spec.head_size, spec.dtype
         if layout is PagedLayout.MLA:
             num_kv_heads = 1
             head_dim = next(iter(kv_caches.values())).shape[-1]
-        if layout is PagedLayout.CPU:
-            kernel_block_size = next(iter(kv_caches.values())).shape[2]
-            isa = cpu_attention_isa(dtype, kernel_block_size, head_dim, self._vllm_config.cache_config.cache_dtype)
-            if not cpu_layout_matches_vllm(
-                dtype=dtype, block_size=kernel_block_size, num_kv_heads=num_kv_heads, head_dim=head_dim, isa=isa
-            ):
-                log.error("lmcache-core does not know vLLM's CPU KV layout for isa=%s, dtype=%s: caching is off "
-                          "(please report this)", isa, dtype)
-                return
-        rank = get_pp_group().rank_in_group * parallel.tensor_parallel_size + get_tensor_model_parallel_rank()
-        world = parallel.tensor_parallel_size * parallel.pipeline_parallel_size
+        if layout in CPU_LAYOUTS:
+            first_name, first = next(iter(kv_caches.items()))
+            attention = self._vllm_config.compilation_config.static_forward_context.get(first_name)
+            model_dtype = self._vllm_config.model_config.dtype
+            kv_cache_dtype = self._vllm_config.cache_config.cache_dtype
+            isa = getattr(attention, "isa", None) or cpu_attention_isa(model_dtype, first.shape[2], head_dim,
+                                                                        kv_cache_dtype)
+            layout = cpu_layout_for(isa=isa, dtype=model_dtype, block_size=first.shape[2], num_kv_heads=num_kv_heads,
+                                    head_dim=head_dim, kv_cache_dtype=kv_cache_dtype)
         kv_layout = KVLayout(len(kv_caches), num_kv_heads, head_dim, str(dtype).removeprefix("torch."))
         scope = _cache_scope(self._vllm_config, self._settings, kv_layout, rank, world)
         self._engine = CacheEngine(self._settings, load_registry(), scope)
@@ -500,14 +524,11 @@ class LMCacheCoreConnector(KVConnectorBase_V1):
         self._layout = layout
         self._chunk_shape = (len(self._layers), layout.kv_factor, self._chunk_size, num_kv_heads, head_dim)
         self._dtype = dtype
-        path = socket_path(str(self._kv_transfer_config.engine_id), parallel.data_parallel_rank, rank)
-        self._server = LookupServer(path, self._serve_lookup)
-        log.info("lmcache-core connector (worker %d/%d): layout=%s, %d layers, scope %s, tiers=%s, lookups on %s",
-                 rank, world, layout.value, len(self._layers), scope.prefix, ",".join(self._settings.tiers), path)
 
     def _serve_lookup(self, tokens: np.ndarray) -> tuple[int, int]:
         """Runs on the lookup server's thread: (chunks in any tier, chunks in the first tier)."""
-        assert self._engine is not None
+        if self._engine is None:  # caching is off
+            return 0, 0
         keys = self._engine.hasher.keys(tokens)
         found = self._engine.stack.contains(keys)
         first_tier = self._engine.stack.first_tier_contains(keys[:found]) if found else 0
