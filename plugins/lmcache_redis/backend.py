@@ -23,6 +23,9 @@ Why it looks the way it does:
   loop (10 retries with backoff by default) is cut to one immediate retry on a broken connection,
   so a dead server fails a call within about ``timeout`` seconds. The tier stack then skips the
   tier with backoff and tries again later; the pool reconnects by itself when the server is back.
+- **Full is not broken.** A Redis at ``maxmemory`` with a ``noeviction`` policy answers SETs with
+  OOM errors but still serves reads: those chunks are dropped and counted (``dropped_full``), and
+  the batch succeeds, so the tier stack does not back off from a store that can still hit.
 - Cluster and Sentinel use redis-py's own clients. The cluster path uses redis-py's cluster
   pipeline and stock parser (one copy more per value each way).
 """
@@ -119,6 +122,7 @@ class RedisBackend(SerializingBackend):
         self._client_instance: Any = None
         self._client_lock = threading.Lock()
         self._warned_too_large = False
+        self._warned_full = False
 
     # --- connection -----------------------------------------------------------------------------
 
@@ -209,12 +213,11 @@ class RedisBackend(SerializingBackend):
         if self.settings.mode != "cluster":
             return self._set_scattered(items)
         pipeline = self._client().pipeline(transaction=False)
-        stored = 0
+        sizes = []
         for name, parts, size in self._within_limit(items):
             pipeline.set(name, b"".join(parts), ex=self.settings.ttl)
-            stored += size
-        pipeline.execute()
-        return stored
+            sizes.append(size)
+        return self._accepted_bytes(pipeline.execute(raise_on_error=False), sizes)
 
     def _within_limit(
         self, items: Iterable[tuple[str, list[memoryview]]]
@@ -237,18 +240,48 @@ class RedisBackend(SerializingBackend):
                     self.name, name, size, self.name.upper(), limit,
                 )
 
+    def _accepted_bytes(self, replies: Sequence[Any], sizes: Sequence[int]) -> int:
+        """Bytes of the SETs that Redis accepted, given each SET's reply (an exception for an error
+        reply) and value size.
+
+        An OOM reply means Redis is full under a ``noeviction`` policy: the chunk is not stored,
+        which is counted (``dropped_full``) and logged once, and the batch does not fail, because
+        a full cache still serves reads: failing would put the whole tier into the stack's backoff.
+        Any other error reply fails the batch."""
+        from redis.exceptions import OutOfMemoryError
+
+        accepted = refused = 0
+        for reply, size in zip(replies, sizes, strict=True):
+            if isinstance(reply, OutOfMemoryError):
+                refused += 1
+            elif isinstance(reply, BaseException):
+                raise reply
+            else:
+                accepted += size
+        if refused:
+            self.count("dropped_full", refused)
+            if not self._warned_full:
+                self._warned_full = True
+                log.warning(
+                    "tier %s: redis at %s is full (%d chunks refused: maxmemory reached, noeviction policy); "
+                    "stored chunks are still read. Give Redis an eviction policy (maxmemory-policy allkeys-lru), "
+                    "more maxmemory or LMCACHE_%s__TTL. Further refusals are only counted (dropped_full).",
+                    self.name, self.where, refused, self.name.upper(),
+                )
+        return accepted
+
     def _set_scattered(self, items: Iterable[tuple[str, list[memoryview]]]) -> int:
         """SET every item over one connection in one round trip, sending each value's buffers as
         they are (no join). Equivalent to a non-transactional pipeline of SETs. Returns the bytes
-        sent as values."""
+        that Redis accepted as values."""
+        from redis.exceptions import ResponseError
+
         ttl = self.settings.ttl
         expiry = b"" if ttl is None else b"$2\r\nEX\r\n$%d\r\n%d\r\n" % (len(str(ttl)), ttl)
         argc = 3 if ttl is None else 5
-        commands = 0
-        written = 0
+        sizes: list[int] = []  # of the SETs sent, in order
 
         def pieces() -> Iterator[Blob]:
-            nonlocal commands, written
             pending = bytearray()
             for name, parts, size in self._within_limit(items):
                 key = name.encode()
@@ -261,23 +294,26 @@ class RedisBackend(SerializingBackend):
                         pending = bytearray()
                         yield part
                 pending += b"\r\n" + expiry
-                commands += 1
-                written += size
+                sizes.append(size)
             if pending:
                 yield pending
 
         pool = self._client().connection_pool
         connection = _get_connection(pool)
+        replies: list[Any] = []
         try:
             connection.send_packed_command(pieces(), check_health=False)
-            for _ in range(commands):
-                connection.read_response()  # raises on an error reply, e.g. OOM
+            for _ in sizes:
+                try:
+                    replies.append(connection.read_response())
+                except ResponseError as error:  # an error reply, read whole: the next reply follows
+                    replies.append(error)
+            return self._accepted_bytes(replies, sizes)
         except BaseException:
             connection.disconnect()  # replies may be left unread: never reuse this connection
             raise
         finally:
             pool.release(connection)
-        return written
 
     def iter_keys(self) -> Iterator[str]:
         for raw in self._client().scan_iter(match="v*:*", count=1000):
