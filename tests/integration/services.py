@@ -375,7 +375,8 @@ def s3_url(moto_server: MotoServer, aws_env: dict[str, str], monkeypatch: pytest
 
 # --- fault injection for the fault matrix (tests/integration/test_faults_remote.py) ---------------
 
-__all__ += ["FaultyHttpProxy", "PasswordRedisServer", "password_redis_factory", "s3_fault_proxy"]
+__all__ += ["FaultyHttpProxy", "PasswordRedisServer", "password_redis_factory", "private_redis_cluster",
+            "s3_fault_proxy"]
 
 
 class PasswordRedisServer(RedisServer):
@@ -516,3 +517,30 @@ def s3_fault_proxy(moto_server: MotoServer, aws_env: dict[str, str]) -> Iterator
     proxy = FaultyHttpProxy(moto_server.port)
     yield proxy, bucket
     proxy.close()
+
+
+@pytest.fixture
+def private_redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[RedisServer]]:
+    """A three-master Redis Cluster of this test's own, for tests that pause a node (the shared
+    ``redis_cluster`` must stay up). A long node timeout keeps a short pause from failing it."""
+    servers = _Servers(tmp_path_factory)
+    nodes = [
+        servers.start(RedisServer, "--cluster-enabled", "yes", "--cluster-node-timeout", "60000",
+                      port=free_port(with_bus_port=True))
+        for _ in range(3)
+    ]
+    cli = shutil.which("redis-cli", path=str(Path(_redis_binary() or "redis-server").parent)) or shutil.which(
+        "redis-cli")
+    if cli is None:
+        service_unavailable("redis-cli is not installed (it comes with redis-server / redis-tools)")
+    subprocess.run(
+        [cli, "--cluster", "create", *(f"127.0.0.1:{node.port}" for node in nodes), "--cluster-yes"],
+        check=True, capture_output=True, timeout=60,
+    )
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not all(b"cluster_state:ok" in node.call("CLUSTER", "INFO") for node in nodes):
+        if time.monotonic() > deadline:
+            service_unavailable("the redis cluster did not reach cluster_state:ok")
+        time.sleep(0.1)
+    yield nodes
+    servers.stop_all()

@@ -23,8 +23,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import torch
-from services import FaultyHttpProxy, MotoServer, PasswordRedisServer
-from test_remote_faults import SLACK_S, TIMEOUT_S, engine, eventually, prompt, timed
+from services import FaultyHttpProxy, MotoServer, PasswordRedisServer, RedisServer
+from test_remote_faults import LAYOUT, SLACK_S, TIMEOUT_S, engine, eventually, prompt, timed
 
 from lmcache_core.engine import CacheEngine
 from lmcache_redis.settings import RedisSettings
@@ -299,6 +299,35 @@ def test_redis_answering_errors(
     assert eventually(lambda: reader.lookup(tokens) == 64, within_s=15)
     assert torch.equal(never_wrong(reader, tokens, kv), kv)
     served_again(writer, reader)
+
+
+def test_redis_cluster_node_hung(
+    private_redis_cluster: list[RedisServer], logs: pytest.LogCaptureFixture
+) -> None:
+    """One node of three SIGSTOPped: a batch with keys on it fails within about one timeout, not
+    one timeout per key on that node."""
+    environ = {**redis_env(private_redis_cluster[0].url), "LMCACHE_REDIS__MODE": "cluster"}
+    writer, reader = engine("cpu,redis", environ), engine("redis", environ)
+    tokens = list(range(256))  # 16 chunks, spread over the three nodes
+    kv = torch.randn(LAYOUT.chunk_shape(256), generator=torch.Generator().manual_seed(7)).bfloat16()
+    writer.store(tokens, kv)
+    assert writer.flush(timeout=10)
+    assert reader.lookup(tokens) == 256
+    private_redis_cluster[1].pause()
+    try:
+        misses_within_bound(reader, tokens, kv)
+        time.sleep(1.1)  # past the stack's first backoff
+        retrieved, elapsed = timed(lambda: never_wrong(reader, tokens, kv))
+        assert elapsed < BOUND_S and (retrieved is None or retrieved.shape[2] < 256)
+        _, elapsed = timed(lambda: writer.store(*prompt(2)))
+        assert elapsed < BOUND_S and writer.flush(timeout=10)
+    finally:
+        private_redis_cluster[1].resume()
+    assert eventually(lambda: reader.lookup(tokens) == 256, within_s=15)
+    assert torch.equal(never_wrong(reader, tokens, kv), kv)
+    served_again(writer, reader)
+    writer.close()
+    reader.close()
 
 
 # --- s3 -----------------------------------------------------------------------------------------
