@@ -26,8 +26,9 @@ Why it looks the way it does:
 - **Full is not broken.** A Redis at ``maxmemory`` with a ``noeviction`` policy answers SETs with
   OOM errors but still serves reads: those chunks are dropped and counted (``dropped_full``), and
   the batch succeeds, so the tier stack does not back off from a store that can still hit.
-- Cluster and Sentinel use redis-py's own clients. The cluster path uses redis-py's cluster
-  pipeline and stock parser (one copy more per value each way).
+- Cluster and Sentinel use redis-py's own clients. The cluster path sends one plain pipeline per
+  node (see :meth:`RedisBackend._per_node` for why not redis-py's cluster pipeline) and uses the
+  stock parser (one copy more per value each way).
 """
 
 from __future__ import annotations
@@ -123,6 +124,7 @@ class RedisBackend(SerializingBackend):
         self._client_lock = threading.Lock()
         self._warned_too_large = False
         self._warned_full = False
+        self._refresh_slots = False  # cluster mode: a node failed; refresh the slot map first
 
     # --- connection -----------------------------------------------------------------------------
 
@@ -193,10 +195,55 @@ class RedisBackend(SerializingBackend):
     def _pipelined(self, command: str, names: Sequence[str]) -> list[Any]:
         if not names:
             return []
+        if self.settings.mode == "cluster":
+            replies = self._per_node([(command, name) for name in names])
+            for reply in replies:
+                if isinstance(reply, BaseException):
+                    raise reply
+            return replies
         pipeline = self._client().pipeline(transaction=False)
         for name in names:
             pipeline.execute_command(command, name)
         return pipeline.execute()
+
+    def _per_node(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """Cluster mode: the replies to ``commands`` (each ``(command, key, *arguments)``) in order,
+        error replies as exception objects, sent as one plain pipeline per node.
+
+        redis-py's cluster pipeline answers a node that times out by retrying each of that node's
+        commands on its own, each with its own timeout: one hung node held a batch for about one
+        timeout per key on it (20 s for 16 chunks). Here a node that does not answer fails the
+        batch within about one timeout, and the next call first refreshes the slot map (a replica
+        may have taken over). A redirection (MOVED / ASK: slots moved) sends the batch through the
+        cluster pipeline, which follows it and refreshes the slot map.
+        """
+        from redis.exceptions import AskError
+
+        client = self._client()
+        if self._refresh_slots:
+            self._refresh_slots = False
+            client.nodes_manager.initialize()
+        replies: list[Any] = [None] * len(commands)
+        try:
+            by_node: dict[str, tuple[Any, list[int]]] = {}
+            for position, command in enumerate(commands):
+                node = client.get_node_from_key(command[1])
+                by_node.setdefault(node.name, (node, []))[1].append(position)
+            for node, positions in by_node.values():
+                pipeline = client.get_redis_connection(node).pipeline(transaction=False)
+                for position in positions:
+                    pipeline.execute_command(*commands[position])
+                for position, reply in zip(positions, pipeline.execute(raise_on_error=False), strict=True):
+                    replies[position] = reply
+        except Exception:
+            self._refresh_slots = True
+            raise
+        if any(isinstance(reply, AskError) for reply in replies):  # MovedError is an AskError
+            pipeline = client.pipeline(transaction=False)
+            for command in commands:
+                pipeline.execute_command(*command)
+            return pipeline.execute(raise_on_error=False)
+        return replies
 
     def _exists_blobs(self, names: Sequence[str]) -> list[bool]:
         return [bool(found) for found in self._pipelined("EXISTS", names)]
@@ -212,12 +259,12 @@ class RedisBackend(SerializingBackend):
             return 0
         if self.settings.mode != "cluster":
             return self._set_scattered(items)
-        pipeline = self._client().pipeline(transaction=False)
-        sizes = []
+        expiry = () if self.settings.ttl is None else ("EX", self.settings.ttl)
+        commands, sizes = [], []
         for name, parts, size in self._within_limit(items):
-            pipeline.set(name, b"".join(parts), ex=self.settings.ttl)
+            commands.append(("SET", name, b"".join(parts), *expiry))
             sizes.append(size)
-        return self._accepted_bytes(pipeline.execute(raise_on_error=False), sizes)
+        return self._accepted_bytes(self._per_node(commands), sizes)
 
     def _within_limit(
         self, items: Iterable[tuple[str, list[memoryview]]]

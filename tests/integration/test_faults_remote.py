@@ -17,7 +17,9 @@ object store) come from a loopback proxy in front of moto (``FaultyHttpProxy`` i
 from __future__ import annotations
 
 import logging
+import shutil
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 
@@ -325,6 +327,32 @@ def test_redis_cluster_node_hung(
         private_redis_cluster[1].resume()
     assert eventually(lambda: reader.lookup(tokens) == 256, within_s=15)
     assert torch.equal(never_wrong(reader, tokens, kv), kv)
+    served_again(writer, reader)
+    writer.close()
+    reader.close()
+
+
+def test_redis_cluster_slots_moved(private_redis_cluster: list[RedisServer], logs: pytest.LogCaptureFixture) -> None:
+    """A reshard moves a node's slots (and keys) under a running instance: its slot map is stale,
+    the nodes answer MOVED, and every chunk is still found, exactly."""
+    environ = {**redis_env(private_redis_cluster[0].url), "LMCACHE_REDIS__MODE": "cluster"}
+    writer, reader = engine("cpu,redis", environ), engine("redis", environ)
+    tokens = list(range(256))
+    kv = torch.randn(LAYOUT.chunk_shape(256), generator=torch.Generator().manual_seed(7)).bfloat16()
+    writer.store(tokens, kv)
+    assert writer.flush(timeout=10)
+    assert reader.lookup(tokens) == 256
+    source, target = (node.call("CLUSTER", "MYID").split(b"\r\n")[1].decode() for node in private_redis_cluster[1:])
+    cli = shutil.which("redis-cli")
+    assert cli is not None
+    subprocess.run(
+        [cli, "--cluster", "reshard", f"127.0.0.1:{private_redis_cluster[0].port}", "--cluster-from", source,
+         "--cluster-to", target, "--cluster-slots", "16384", "--cluster-yes"],
+        check=True, capture_output=True, timeout=120,
+    )
+    assert reader.lookup(tokens) == 256
+    assert torch.equal(never_wrong(reader, tokens, kv), kv)
+    assert reader.stats()["redis"]["errors"] == 0
     served_again(writer, reader)
     writer.close()
     reader.close()
