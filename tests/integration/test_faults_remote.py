@@ -189,7 +189,7 @@ def test_redis_slowed_within_the_timeout_still_hits(
     writer, reader = redis_pair
     tokens, kv = stored(writer, reader, seed=1)
     blocker = RawClient(redis)
-    blocker.send(f"DEBUG SLEEP {TIMEOUT_S / 3}")
+    blocker.send(f"DEBUG SLEEP {TIMEOUT_S / 5}")
     time.sleep(0.05)
     found, elapsed = timed(lambda: reader.lookup(tokens))
     assert found == 64 and elapsed < BOUND_S
@@ -379,6 +379,29 @@ def s3_pair(
     writer, reader = engine("cpu,s3", environ), engine("s3", environ)
     yield writer, reader, proxy
     proxy.heal()
+    writer.close()
+    reader.close()
+
+
+def test_s3_stopped_then_started(
+    moto_server_factory: Callable[[], MotoServer], aws_env: dict[str, str], monkeypatch: pytest.MonkeyPatch,
+    logs: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", AWS_SECRET)
+    server = moto_server_factory()
+    server.create_bucket("lmcache-stopped")
+    environ = s3_env(server.endpoint_url, "lmcache-stopped")
+    writer, reader = engine("cpu,s3", environ), engine("s3", environ)
+    tokens, kv = stored(writer, reader, seed=1)
+    server.kill()
+    misses_within_bound(reader, tokens, kv, bound_s=S3_BOUND_S)
+    _, elapsed = timed(lambda: writer.store(*prompt(2)))
+    assert elapsed < S3_BOUND_S and writer.flush(timeout=10)
+    assert writer.stats()["s3"]["errors"] + writer.stats()["s3"]["dropped_writes"] >= 1
+    server.start()
+    server.create_bucket("lmcache-stopped")  # moto keeps buckets in memory; a real store keeps them
+    served_again(writer, reader, within_s=20)
+    assert never_wrong(reader, tokens, kv) is None  # moto lost it: a miss
     writer.close()
     reader.close()
 
