@@ -44,10 +44,11 @@ WRONG_PASSWORD = "Wrong-pw-0b1d2e-never-logged"
 AWS_SECRET = "Aws-secret-5e6f7a-never-logged"
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def logs(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
-    """Every log line at DEBUG; after the test, none may hold a secret. (``caplog.text`` holds only
-    the current phase's lines: in teardown, those of the teardown.)"""
+    """Every log line at DEBUG, from before the first engine starts; after the test, none may
+    hold a secret. (``caplog.text`` holds only the current phase's lines: in teardown, those of
+    the teardown.)"""
     caplog.set_level(logging.DEBUG)
     yield caplog
     records = [*caplog.get_records("setup"), *caplog.get_records("call"), *caplog.records]
@@ -133,7 +134,7 @@ class RawClient:
 
 
 def test_redis_killed_then_restarted_empty(
-    redis: PasswordRedisServer, redis_pair: tuple[CacheEngine, CacheEngine], logs: pytest.LogCaptureFixture
+    redis: PasswordRedisServer, redis_pair: tuple[CacheEngine, CacheEngine]
 ) -> None:
     writer, reader = redis_pair
     tokens, kv = stored(writer, reader, seed=1)
@@ -148,7 +149,7 @@ def test_redis_killed_then_restarted_empty(
     assert never_wrong(reader, tokens, kv) is None
 
 
-def test_redis_hung_with_default_timeouts(redis: PasswordRedisServer, logs: pytest.LogCaptureFixture) -> None:
+def test_redis_hung_with_default_timeouts(redis: PasswordRedisServer) -> None:
     """SIGSTOP (connections accepted, nothing answers) with the shipped defaults: a lookup must not
     wait for minutes, and an engine built meanwhile must start."""
     default_s = RedisSettings().timeout
@@ -170,8 +171,7 @@ def test_redis_hung_with_default_timeouts(redis: PasswordRedisServer, logs: pyte
 
 @pytest.mark.parametrize("pause", ["DEBUG SLEEP", "CLIENT PAUSE ALL"])
 def test_redis_stalled_past_the_timeout(
-    pause: str, redis: PasswordRedisServer, redis_pair: tuple[CacheEngine, CacheEngine],
-    logs: pytest.LogCaptureFixture,
+    pause: str, redis: PasswordRedisServer, redis_pair: tuple[CacheEngine, CacheEngine]
 ) -> None:
     writer, reader = redis_pair
     tokens, kv = stored(writer, reader, seed=1)
@@ -188,7 +188,7 @@ def test_redis_stalled_past_the_timeout(
 
 
 def test_redis_slowed_within_the_timeout_still_hits(
-    redis: PasswordRedisServer, redis_pair: tuple[CacheEngine, CacheEngine], logs: pytest.LogCaptureFixture
+    redis: PasswordRedisServer, redis_pair: tuple[CacheEngine, CacheEngine]
 ) -> None:
     writer, reader = redis_pair
     tokens, kv = stored(writer, reader, seed=1)
@@ -203,7 +203,7 @@ def test_redis_slowed_within_the_timeout_still_hits(
 
 
 def test_redis_writes_paused_reads_still_served(
-    redis: PasswordRedisServer, redis_pair: tuple[CacheEngine, CacheEngine], logs: pytest.LogCaptureFixture
+    redis: PasswordRedisServer, redis_pair: tuple[CacheEngine, CacheEngine]
 ) -> None:
     """CLIENT PAUSE WRITE: SETs block past the timeout; they are dropped and counted, and another
     instance keeps reading what is stored."""
@@ -227,7 +227,7 @@ def test_redis_writes_paused_reads_still_served(
 
 
 def test_redis_full_refuses_writes_and_keeps_serving_reads(
-    password_redis_factory: Callable[..., PasswordRedisServer], logs: pytest.LogCaptureFixture
+    password_redis_factory: Callable[..., PasswordRedisServer]
 ) -> None:
     """maxmemory below what the server uses, noeviction: every SET is answered with an OOM error.
     Those writes are dropped and counted, and the tier keeps serving reads, also in the instances
@@ -258,7 +258,7 @@ def test_redis_full_refuses_writes_and_keeps_serving_reads(
 
 @pytest.mark.parametrize("given_in", ["url", "setting"])
 def test_redis_wrong_password(
-    given_in: str, redis: PasswordRedisServer, logs: pytest.LogCaptureFixture
+    given_in: str, redis: PasswordRedisServer
 ) -> None:
     right = engine("redis", redis_env(redis.url))
     tokens, kv = prompt(1)
@@ -284,7 +284,7 @@ def test_redis_wrong_password(
 
 
 def test_redis_answering_errors(
-    redis: PasswordRedisServer, redis_pair: tuple[CacheEngine, CacheEngine], logs: pytest.LogCaptureFixture
+    redis: PasswordRedisServer, redis_pair: tuple[CacheEngine, CacheEngine]
 ) -> None:
     """A script that never ends: after busy-reply-threshold the server answers every command with
     a BUSY error, quickly, until SCRIPT KILL."""
@@ -308,7 +308,7 @@ def test_redis_answering_errors(
 
 
 def test_redis_cluster_node_hung(
-    private_redis_cluster: list[RedisServer], logs: pytest.LogCaptureFixture
+    private_redis_cluster: list[RedisServer]
 ) -> None:
     """One node of three SIGSTOPped: a batch with keys on it fails within about one timeout, not
     one timeout per key on that node."""
@@ -336,7 +336,7 @@ def test_redis_cluster_node_hung(
     reader.close()
 
 
-def test_redis_cluster_slots_moved(private_redis_cluster: list[RedisServer], logs: pytest.LogCaptureFixture) -> None:
+def test_redis_cluster_slots_moved(private_redis_cluster: list[RedisServer]) -> None:
     """A reshard moves a node's slots (and keys) under a running instance: its slot map is stale,
     the nodes answer MOVED, and every chunk is still found, exactly."""
     environ = {**redis_env(private_redis_cluster[0].url), "LMCACHE_REDIS__MODE": "cluster"}
@@ -388,8 +388,7 @@ def s3_pair(
 
 
 def test_s3_stopped_then_started(
-    moto_server_factory: Callable[[], MotoServer], aws_env: dict[str, str], monkeypatch: pytest.MonkeyPatch,
-    logs: pytest.LogCaptureFixture,
+    moto_server_factory: Callable[[], MotoServer], aws_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", AWS_SECRET)
     server = moto_server_factory()
@@ -412,7 +411,7 @@ def test_s3_stopped_then_started(
 
 @pytest.mark.parametrize("status", [500, 503])
 def test_s3_answering_errors(
-    status: int, s3_pair: tuple[CacheEngine, CacheEngine, FaultyHttpProxy], logs: pytest.LogCaptureFixture
+    status: int, s3_pair: tuple[CacheEngine, CacheEngine, FaultyHttpProxy]
 ) -> None:
     writer, reader, proxy = s3_pair
     tokens, kv = stored(writer, reader, seed=1)
@@ -428,7 +427,7 @@ def test_s3_answering_errors(
     served_again(writer, reader)
 
 
-def test_s3_slow(s3_pair: tuple[CacheEngine, CacheEngine, FaultyHttpProxy], logs: pytest.LogCaptureFixture) -> None:
+def test_s3_slow(s3_pair: tuple[CacheEngine, CacheEngine, FaultyHttpProxy]) -> None:
     writer, reader, proxy = s3_pair
     tokens, kv = stored(writer, reader, seed=1)
     proxy.delay_s = S3_TIMEOUT_S / 5  # slower, within the timeout: still hits, exactly
@@ -448,7 +447,7 @@ def test_s3_slow(s3_pair: tuple[CacheEngine, CacheEngine, FaultyHttpProxy], logs
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
 def test_s3_damaged_responses_are_misses_and_keep_the_object(
-    damage: str, s3_pair: tuple[CacheEngine, CacheEngine, FaultyHttpProxy], logs: pytest.LogCaptureFixture
+    damage: str, s3_pair: tuple[CacheEngine, CacheEngine, FaultyHttpProxy]
 ) -> None:
     """A body cut short or altered in transit: a miss, never wrong KV, and the stored object (which
     is fine) stays for when the network heals."""
@@ -465,7 +464,7 @@ def test_s3_damaged_responses_are_misses_and_keep_the_object(
 
 
 def test_s3_hung_with_default_timeouts(
-    moto_server_factory: Callable[[], MotoServer], aws_env: dict[str, str], logs: pytest.LogCaptureFixture
+    moto_server_factory: Callable[[], MotoServer], aws_env: dict[str, str]
 ) -> None:
     """SIGSTOP with the shipped defaults: a lookup must not wait for minutes."""
     default_s = S3Settings().timeout
