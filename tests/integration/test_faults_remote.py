@@ -333,6 +333,25 @@ def test_redis_answering_errors(
     served_again(writer, reader)
 
 
+def test_redis_foreign_value_type_is_a_miss(
+    redis: PasswordRedisServer, redis_pair: tuple[CacheEngine, CacheEngine]
+) -> None:
+    """Another application put a hash under one of our key names: Redis answers that key's GET
+    with a WRONGTYPE error. That chunk is a miss (the chunks before it still load) and the tier
+    stays in use for everything else."""
+    writer, reader = redis_pair
+    tokens, kv = stored(writer, reader, seed=1)
+    other_tokens, other_kv = stored(writer, reader, seed=2)
+    taken = str(reader.keys(tokens)[2])
+    assert redis.call("DEL", taken).startswith(b":1")
+    assert redis.call("HSET", taken, "field", "value").startswith(b":1")
+    retrieved = never_wrong(reader, tokens, kv)
+    assert retrieved is not None and retrieved.shape[2] == 32  # chunks 0 and 1
+    assert reader.stats()["redis"]["errors"] == 0
+    assert reader.lookup(other_tokens) == 64
+    assert torch.equal(never_wrong(reader, other_tokens, other_kv), other_kv)
+
+
 def test_redis_cluster_node_hung(
     private_redis_cluster: list[RedisServer]
 ) -> None:
