@@ -193,18 +193,22 @@ class RedisBackend(SerializingBackend):
     # --- blobs ----------------------------------------------------------------------------------
 
     def _pipelined(self, command: str, names: Sequence[str]) -> list[Any]:
+        """One reply per name, in order; error replies come back as exception objects."""
         if not names:
             return []
         if self.settings.mode == "cluster":
-            replies = self._per_node([(command, name) for name in names])
-            for reply in replies:
-                if isinstance(reply, BaseException):
-                    raise reply
-            return replies
+            return self._per_node([(command, name) for name in names])
         pipeline = self._client().pipeline(transaction=False)
         for name in names:
             pipeline.execute_command(command, name)
-        return pipeline.execute()
+        return pipeline.execute(raise_on_error=False)
+
+    @staticmethod
+    def _no_errors(replies: list[Any]) -> list[Any]:
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                raise reply
+        return replies
 
     def _per_node(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
         """Cluster mode: the replies to ``commands`` (each ``(command, key, *arguments)``) in order,
@@ -246,13 +250,28 @@ class RedisBackend(SerializingBackend):
         return replies
 
     def _exists_blobs(self, names: Sequence[str]) -> list[bool]:
-        return [bool(found) for found in self._pipelined("EXISTS", names)]
+        return [bool(found) for found in self._no_errors(self._pipelined("EXISTS", names))]
 
     def _read_blobs(self, names: Sequence[str]) -> list[Blob | None]:
-        return self._pipelined("GET", names)
+        """The values; a name that holds another type of value (someone else's hash or list)
+        is a miss that is counted and no longer advertised, not an error: failing the batch
+        would put the whole tier into backoff. The next store of that chunk overwrites it."""
+        blobs: list[Blob | None] = []
+        for name, reply in zip(names, self._pipelined("GET", names), strict=True):
+            if isinstance(reply, BaseException) and "WRONGTYPE" in str(reply):
+                self.count("corrupt_entries")
+                self._remember_unreadable(name)
+                log.warning("tier %s: %s holds another type of value, not one of our chunks; a miss",
+                            self.name, name)
+                blobs.append(None)
+            elif isinstance(reply, BaseException):
+                raise reply
+            else:
+                blobs.append(reply)
+        return blobs
 
     def _delete_blobs(self, names: Sequence[str]) -> int:
-        return sum(self._pipelined("DEL", names))
+        return sum(self._no_errors(self._pipelined("DEL", names)))
 
     def _write_blobs(self, items: Sequence[tuple[str, list[memoryview]]]) -> int:
         if not items:

@@ -347,7 +347,9 @@ def test_redis_foreign_value_type_is_a_miss(
     assert redis.call("HSET", taken, "field", "value").startswith(b":1")
     retrieved = never_wrong(reader, tokens, kv)
     assert retrieved is not None and retrieved.shape[2] == 32  # chunks 0 and 1
-    assert reader.stats()["redis"]["errors"] == 0
+    counters = reader.stats()["redis"]
+    assert counters["errors"] == 0 and counters["corrupt_entries"] == 1, counters
+    assert reader.lookup(tokens) == 32  # no longer advertised: vLLM will not plan to load it
     assert reader.lookup(other_tokens) == 64
     assert torch.equal(never_wrong(reader, other_tokens, other_kv), other_kv)
 
