@@ -23,8 +23,12 @@ Why it looks the way it does:
   loop (10 retries with backoff by default) is cut to one immediate retry on a broken connection,
   so a dead server fails a call within about ``timeout`` seconds. The tier stack then skips the
   tier with backoff and tries again later; the pool reconnects by itself when the server is back.
-- Cluster and Sentinel use redis-py's own clients. The cluster path uses redis-py's cluster
-  pipeline and stock parser (one copy more per value each way).
+- **Full is not broken.** A Redis at ``maxmemory`` with a ``noeviction`` policy answers SETs with
+  OOM errors but still serves reads: those chunks are dropped and counted (``dropped_full``), and
+  the batch succeeds, so the tier stack does not back off from a store that can still hit.
+- Cluster and Sentinel use redis-py's own clients. The cluster path sends one plain pipeline per
+  node (see :meth:`RedisBackend._per_node` for why not redis-py's cluster pipeline) and uses the
+  stock parser (one copy more per value each way).
 """
 
 from __future__ import annotations
@@ -119,6 +123,8 @@ class RedisBackend(SerializingBackend):
         self._client_instance: Any = None
         self._client_lock = threading.Lock()
         self._warned_too_large = False
+        self._warned_full = False
+        self._refresh_slots = False  # cluster mode: a node failed; refresh the slot map first
 
     # --- connection -----------------------------------------------------------------------------
 
@@ -187,34 +193,97 @@ class RedisBackend(SerializingBackend):
     # --- blobs ----------------------------------------------------------------------------------
 
     def _pipelined(self, command: str, names: Sequence[str]) -> list[Any]:
+        """One reply per name, in order; error replies come back as exception objects."""
         if not names:
             return []
+        if self.settings.mode == "cluster":
+            return self._per_node([(command, name) for name in names])
         pipeline = self._client().pipeline(transaction=False)
         for name in names:
             pipeline.execute_command(command, name)
-        return pipeline.execute()
+        return pipeline.execute(raise_on_error=False)
+
+    @staticmethod
+    def _no_errors(replies: list[Any]) -> list[Any]:
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                raise reply
+        return replies
+
+    def _per_node(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """Cluster mode: the replies to ``commands`` (each ``(command, key, *arguments)``) in order,
+        error replies as exception objects, sent as one plain pipeline per node.
+
+        redis-py's cluster pipeline answers a node that times out by retrying each of that node's
+        commands on its own, each with its own timeout: one hung node held a batch for about one
+        timeout per key on it (20 s for 16 chunks). Here a node that does not answer fails the
+        batch within about one timeout, and the next call first refreshes the slot map (a replica
+        may have taken over). A redirection (MOVED / ASK: slots moved) sends the batch through the
+        cluster pipeline, which follows it and refreshes the slot map.
+        """
+        from redis.exceptions import AskError
+
+        client = self._client()
+        if self._refresh_slots:
+            self._refresh_slots = False
+            client.nodes_manager.initialize()
+        replies: list[Any] = [None] * len(commands)
+        try:
+            by_node: dict[str, tuple[Any, list[int]]] = {}
+            for position, command in enumerate(commands):
+                node = client.get_node_from_key(command[1])
+                by_node.setdefault(node.name, (node, []))[1].append(position)
+            for node, positions in by_node.values():
+                pipeline = client.get_redis_connection(node).pipeline(transaction=False)
+                for position in positions:
+                    pipeline.execute_command(*commands[position])
+                for position, reply in zip(positions, pipeline.execute(raise_on_error=False), strict=True):
+                    replies[position] = reply
+        except Exception:
+            self._refresh_slots = True
+            raise
+        if any(isinstance(reply, AskError) for reply in replies):  # MovedError is an AskError
+            pipeline = client.pipeline(transaction=False)
+            for command in commands:
+                pipeline.execute_command(*command)
+            return pipeline.execute(raise_on_error=False)
+        return replies
 
     def _exists_blobs(self, names: Sequence[str]) -> list[bool]:
-        return [bool(found) for found in self._pipelined("EXISTS", names)]
+        return [bool(found) for found in self._no_errors(self._pipelined("EXISTS", names))]
 
     def _read_blobs(self, names: Sequence[str]) -> list[Blob | None]:
-        return self._pipelined("GET", names)
+        """The values; a name that holds another type of value (someone else's hash or list)
+        is a miss that is counted and no longer advertised, not an error: failing the batch
+        would put the whole tier into backoff. The next store of that chunk overwrites it."""
+        blobs: list[Blob | None] = []
+        for name, reply in zip(names, self._pipelined("GET", names), strict=True):
+            if isinstance(reply, BaseException) and "WRONGTYPE" in str(reply):
+                self.count("corrupt_entries")
+                self._remember_unreadable(name)
+                log.warning("tier %s: %s holds another type of value, not one of our chunks; a miss",
+                            self.name, name)
+                blobs.append(None)
+            elif isinstance(reply, BaseException):
+                raise reply
+            else:
+                blobs.append(reply)
+        return blobs
 
     def _delete_blobs(self, names: Sequence[str]) -> int:
-        return sum(self._pipelined("DEL", names))
+        return sum(self._no_errors(self._pipelined("DEL", names)))
 
     def _write_blobs(self, items: Sequence[tuple[str, list[memoryview]]]) -> int:
         if not items:
             return 0
         if self.settings.mode != "cluster":
             return self._set_scattered(items)
-        pipeline = self._client().pipeline(transaction=False)
-        stored = 0
+        expiry = () if self.settings.ttl is None else ("EX", self.settings.ttl)
+        commands, sizes = [], []
         for name, parts, size in self._within_limit(items):
-            pipeline.set(name, b"".join(parts), ex=self.settings.ttl)
-            stored += size
-        pipeline.execute()
-        return stored
+            commands.append(("SET", name, b"".join(parts), *expiry))
+            sizes.append(size)
+        return self._accepted_bytes(self._per_node(commands), sizes)
 
     def _within_limit(
         self, items: Iterable[tuple[str, list[memoryview]]]
@@ -237,18 +306,48 @@ class RedisBackend(SerializingBackend):
                     self.name, name, size, self.name.upper(), limit,
                 )
 
+    def _accepted_bytes(self, replies: Sequence[Any], sizes: Sequence[int]) -> int:
+        """Bytes of the SETs that Redis accepted, given each SET's reply (an exception for an error
+        reply) and value size.
+
+        An OOM reply means Redis is full under a ``noeviction`` policy: the chunk is not stored,
+        which is counted (``dropped_full``) and logged once, and the batch does not fail, because
+        a full cache still serves reads: failing would put the whole tier into the stack's backoff.
+        Any other error reply fails the batch."""
+        from redis.exceptions import OutOfMemoryError
+
+        accepted = refused = 0
+        for reply, size in zip(replies, sizes, strict=True):
+            if isinstance(reply, OutOfMemoryError):
+                refused += 1
+            elif isinstance(reply, BaseException):
+                raise reply
+            else:
+                accepted += size
+        if refused:
+            self.count("dropped_full", refused)
+            if not self._warned_full:
+                self._warned_full = True
+                log.warning(
+                    "tier %s: redis at %s is full (%d chunks refused: maxmemory reached, noeviction policy); "
+                    "stored chunks are still read. Give Redis an eviction policy (maxmemory-policy allkeys-lru), "
+                    "more maxmemory or LMCACHE_%s__TTL. Further refusals are only counted (dropped_full).",
+                    self.name, self.where, refused, self.name.upper(),
+                )
+        return accepted
+
     def _set_scattered(self, items: Iterable[tuple[str, list[memoryview]]]) -> int:
         """SET every item over one connection in one round trip, sending each value's buffers as
         they are (no join). Equivalent to a non-transactional pipeline of SETs. Returns the bytes
-        sent as values."""
+        that Redis accepted as values."""
+        from redis.exceptions import ResponseError
+
         ttl = self.settings.ttl
         expiry = b"" if ttl is None else b"$2\r\nEX\r\n$%d\r\n%d\r\n" % (len(str(ttl)), ttl)
         argc = 3 if ttl is None else 5
-        commands = 0
-        written = 0
+        sizes: list[int] = []  # of the SETs sent, in order
 
         def pieces() -> Iterator[Blob]:
-            nonlocal commands, written
             pending = bytearray()
             for name, parts, size in self._within_limit(items):
                 key = name.encode()
@@ -261,23 +360,26 @@ class RedisBackend(SerializingBackend):
                         pending = bytearray()
                         yield part
                 pending += b"\r\n" + expiry
-                commands += 1
-                written += size
+                sizes.append(size)
             if pending:
                 yield pending
 
         pool = self._client().connection_pool
         connection = _get_connection(pool)
+        replies: list[Any] = []
         try:
             connection.send_packed_command(pieces(), check_health=False)
-            for _ in range(commands):
-                connection.read_response()  # raises on an error reply, e.g. OOM
+            for _ in sizes:
+                try:
+                    replies.append(connection.read_response())
+                except ResponseError as error:  # an error reply, read whole: the next reply follows
+                    replies.append(error)
+            return self._accepted_bytes(replies, sizes)
         except BaseException:
             connection.disconnect()  # replies may be left unread: never reuse this connection
             raise
         finally:
             pool.release(connection)
-        return written
 
     def iter_keys(self) -> Iterator[str]:
         for raw in self._client().scan_iter(match="v[0-9]*:*:*@*:*:r*of*:*", count=1000):  # ChunkKey.parse decides

@@ -371,3 +371,176 @@ def s3_url(moto_server: MotoServer, aws_env: dict[str, str], monkeypatch: pytest
     moto_server.create_bucket(bucket)
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server.endpoint_url)
     return f"s3://{bucket}/cache"
+
+
+# --- fault injection for the fault matrix (tests/integration/test_faults_remote.py) ---------------
+
+__all__ += ["FaultyHttpProxy", "PasswordRedisServer", "password_redis_factory", "private_redis_cluster",
+            "s3_fault_proxy"]
+
+
+class PasswordRedisServer(RedisServer):
+    """redis-server with ``requirepass``; :meth:`call` authenticates first. ``url`` carries the
+    password, the form most likely to leak into a log line."""
+
+    def __init__(self, workdir: Path, password: str, *extra_args: str, port: int | None = None) -> None:
+        super().__init__(workdir, "--requirepass", password, *extra_args, port=port)
+        self.password = password
+
+    def call(self, *words: str) -> bytes:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as connection:
+            connection.sendall(f"AUTH {self.password}\r\n".encode())
+            answer = connection.recv(1024)
+            if not answer.startswith(b"+OK"):
+                return answer
+            connection.sendall(" ".join(words).encode() + b"\r\n")
+            return connection.recv(65536)
+
+    @property
+    def url(self) -> str:
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
+
+
+@pytest.fixture
+def password_redis_factory(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[..., PasswordRedisServer]]:
+    """``start(password, *redis_server_options)``: a private password-protected redis-server."""
+    servers = _Servers(tmp_path_factory)
+    yield lambda *args, **kwargs: servers.start(PasswordRedisServer, *args, **kwargs)
+    servers.stop_all()
+
+
+class FaultyHttpProxy:
+    """A loopback HTTP proxy in front of an HTTP service (moto's S3 server) that injects the faults
+    a healthy server cannot produce. Set the attributes while a test runs:
+
+    - ``status``: answer every request with this HTTP status (500, 503 ...) and an S3 error body;
+    - ``delay_s``: wait this long before answering;
+    - ``damage_body``: ``"truncate"`` (send half the body the headers announce, then close) or
+      ``"garbage"`` (the body reversed, same length) for GETs that succeed upstream.
+    """
+
+    def __init__(self, upstream_port: int) -> None:
+        import http.server
+        import socketserver
+        import threading
+
+        self.upstream_port = upstream_port
+        self.status: int | None = None
+        self.delay_s = 0.0
+        self.damage_body: str | None = None
+        self.requests = 0
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def handle_request(self) -> None:
+                proxy.requests += 1
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                time.sleep(proxy.delay_s)
+                if proxy.status is not None:
+                    self.answer(proxy.status, {"Content-Type": "application/xml"}, _s3_error(proxy.status))
+                    return
+                status, headers, data = proxy.forward(self.command, self.path, dict(self.headers), body)
+                damage = proxy.damage_body if self.command == "GET" and status == 200 else None
+                if damage == "garbage":
+                    data = data[::-1]
+                self.answer(status, headers, data, truncate=damage == "truncate")
+
+            def answer(self, status: int, headers: dict[str, str], data: bytes, truncate: bool = False) -> None:
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data[: len(data) // 2] if truncate else data)
+                self.close_connection = truncate
+
+            do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = handle_request
+
+        class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                pass  # a client that timed out closed its end: expected here
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, name="faulty-http-proxy", daemon=True).start()
+
+    def forward(
+        self, method: str, path: str, headers: dict[str, str], body: bytes
+    ) -> tuple[int, dict[str, str], bytes]:
+        import http.client
+
+        upstream = http.client.HTTPConnection("127.0.0.1", self.upstream_port, timeout=30)
+        try:
+            sent = {name: value for name, value in headers.items() if name.lower() != "connection"}
+            upstream.request(method, path, body=body, headers=sent)
+            response = upstream.getresponse()
+            data = response.read()
+        finally:
+            upstream.close()
+        hop_by_hop = {"connection", "transfer-encoding", "content-length", "server", "date", "keep-alive"}
+        return response.status, {k: v for k, v in response.getheaders() if k.lower() not in hop_by_hop}, data
+
+    def heal(self) -> None:
+        self.status, self.delay_s, self.damage_body = None, 0.0, None
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.heal()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _s3_error(status: int) -> bytes:
+    code = {500: "InternalError", 503: "SlowDown"}.get(status, "ServiceUnavailable")
+    return f"<Error><Code>{code}</Code><Message>injected by the test proxy</Message></Error>".encode()
+
+
+@pytest.fixture
+def s3_fault_proxy(moto_server: MotoServer, aws_env: dict[str, str]) -> Iterator[tuple[FaultyHttpProxy, str]]:
+    """A :class:`FaultyHttpProxy` in front of the shared moto server, and a new bucket behind it."""
+    bucket = f"lmcache-{uuid.uuid4().hex[:12]}"
+    moto_server.create_bucket(bucket)
+    proxy = FaultyHttpProxy(moto_server.port)
+    yield proxy, bucket
+    proxy.close()
+
+
+@pytest.fixture
+def private_redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[RedisServer]]:
+    """A three-master Redis Cluster of this test's own, for tests that pause a node (the shared
+    ``redis_cluster`` must stay up). A long node timeout keeps a short pause from failing it."""
+    servers = _Servers(tmp_path_factory)
+    nodes = [
+        servers.start(RedisServer, "--cluster-enabled", "yes", "--cluster-node-timeout", "60000",
+                      port=free_port(with_bus_port=True))
+        for _ in range(3)
+    ]
+    cli = shutil.which("redis-cli", path=str(Path(_redis_binary() or "redis-server").parent)) or shutil.which(
+        "redis-cli")
+    if cli is None:
+        service_unavailable("redis-cli is not installed (it comes with redis-server / redis-tools)")
+    subprocess.run(
+        [cli, "--cluster", "create", *(f"127.0.0.1:{node.port}" for node in nodes), "--cluster-yes"],
+        check=True, capture_output=True, timeout=60,
+    )
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not all(b"cluster_state:ok" in node.call("CLUSTER", "INFO") for node in nodes):
+        if time.monotonic() > deadline:
+            service_unavailable("the redis cluster did not reach cluster_state:ok")
+        time.sleep(0.1)
+    yield nodes
+    servers.stop_all()
