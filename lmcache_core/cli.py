@@ -1,4 +1,6 @@
-"""``lmcache-core``: inspect plugins, settings and tiers; run the storage benchmarks."""
+"""``lmcache-core``: inspect plugins, settings, tiers and running instances.
+
+The storage benchmarks moved out of the package: ``make bench`` (``benchmarks/bench_storage.py``)."""
 
 from __future__ import annotations
 
@@ -202,12 +204,6 @@ def cmd_clear(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from lmcache_core import bench
-
-    return bench.main(args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmcache-core", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -237,11 +233,6 @@ def build_parser() -> argparse.ArgumentParser:
                              help="fresh backends from the LMCACHE_* settings, even when an instance is running")
     ps = commands.add_parser("ps", help="running instances (vLLM with lmcache-core) that stats and ls can ask")
     ps.set_defaults(run=cmd_ps)
-    bench_parser = commands.add_parser("bench", help="storage benchmarks, side by side with the raw baselines")
-    from lmcache_core.bench import add_arguments
-
-    add_arguments(bench_parser)
-    bench_parser.set_defaults(run=cmd_bench)
     return parser
 
 
