@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import uuid
 from pathlib import Path
 
 import pytest
@@ -13,8 +15,8 @@ from live_instance import live_instance, runtime_dir  # noqa: F401 (runtime_dir:
 
 from lmcache_core.cli import main
 from lmcache_core.errors import LMCacheError
-from lmcache_core.integrations.vllm.control import ask, running_instances
-from lmcache_core.integrations.vllm.lookup import private_runtime_dir
+from lmcache_core.integrations.vllm.control import ControlServer, EngineControl, InstanceInfo, ask, running_instances
+from lmcache_core.integrations.vllm.lookup import LookupClient, LookupServer, private_runtime_dir, socket_path
 
 pytestmark = [pytest.mark.faults, pytest.mark.usefixtures("runtime_dir")]
 
@@ -81,8 +83,6 @@ def test_bad_control_requests_get_an_error_and_the_channel_stays_up() -> None:
 
 
 def test_a_rank_with_caching_off_says_so() -> None:
-    from lmcache_core.integrations.vllm.control import EngineControl
-
     assert "caching is off" in EngineControl(None)({"op": "stats"})["error"]
 
 
@@ -93,3 +93,40 @@ def test_records_and_sockets_are_private() -> None:
         record = directory / "instances" / f"{instance.id}.json"
         assert record.stat().st_mode & 0o777 == 0o600
         assert Path(instance.control.address or "").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_stuck_rank_times_out_and_never_delays_lookups() -> None:
+    """A rank whose control answer hangs (a slow remote listing, say) is reported after the rank
+    timeout; meanwhile lookups on the same worker sockets are answered as usual."""
+    release = threading.Event()
+    in_control = threading.Event()
+
+    def stuck(request: dict) -> dict:
+        in_control.set()
+        release.wait(10)
+        return {"stats": {}}
+
+    with live_instance(ranks=1, chunks=2) as instance:
+        engine_id = str(uuid.uuid4())
+        paths = [socket_path(engine_id, 0, rank) for rank in range(2)]
+        servers = [LookupServer(paths[0], lambda tokens: (2, 2), control=EngineControl(instance.engines[0])),
+                   LookupServer(paths[1], lambda tokens: (1, 1), control=stuck)]
+        client = LookupClient(paths, wait_s=1.0)
+        control = ControlServer(client, InstanceInfo(engine_id, 0, "m", ("cpu",)), rank_timeout_s=1.5).start()
+        try:
+            record = next(i for i in running_instances() if i.id == control.info.instance_id)
+            answers: list[dict] = []
+            asking = threading.Thread(target=lambda: answers.append(ask(record, {"op": "stats"})))
+            asking.start()
+            assert in_control.wait(5)
+            assert client.lookup([5, 6, 7, 8]) == (1, 1), "a lookup waited for a control request"
+            asking.join(10)
+            [stats] = answers
+            assert stats["ranks"][0]["stats"]["cpu"]["entries"] == 2
+            assert "no answer" in stats["ranks"][1]["error"]
+        finally:
+            release.set()
+            control.close()
+            client.close()
+            for server in servers:
+                server.close()

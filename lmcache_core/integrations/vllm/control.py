@@ -224,6 +224,9 @@ def _write_record(directory: Path, fields: dict[str, Any]) -> Path:
     return path
 
 
+_RECORD_FIELDS = tuple(Instance.__dataclass_fields__)  # a newer version's extra fields are ignored
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -243,7 +246,7 @@ def running_instances() -> list[Instance]:
     for path in sorted((directory / _RECORDS).glob("*.json")):
         try:
             fields = json.loads(path.read_text())
-            instance = Instance(**fields)
+            instance = Instance(**{name: fields[name] for name in _RECORD_FIELDS if name in fields})
         except (OSError, ValueError, TypeError) as error:
             log.warning("lmcache-core: skipping unreadable instance record %s (%s)", path, error)
             continue

@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 
 _REPLY = struct.Struct("<II")
 _PEER_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
-MAX_UNIX_PATH = 107  # sun_path is 108 bytes, with the terminating NUL
+_MAX_UNIX_PATH = 107  # sun_path is 108 bytes, with the terminating NUL
 _BACKOFF_S = 1.0  # a rank that failed is not asked again for this long
 LookupFunction = Callable[[np.ndarray], tuple[int, int]]
 ControlHandler = Callable[[dict[str, Any]], dict[str, Any]]
@@ -101,8 +101,8 @@ def _socket_bases() -> list[str]:
 
 def _unusable(directory: Path, path: str) -> str | None:
     """Why ``path`` cannot hold a socket that only this user can reach, or None if it can."""
-    if len(os.fsencode(path)) > MAX_UNIX_PATH:
-        return f"{path} is longer than {MAX_UNIX_PATH} bytes, the limit of a unix socket path"
+    if len(os.fsencode(path)) > _MAX_UNIX_PATH:
+        return f"{path} is longer than {_MAX_UNIX_PATH} bytes, the limit of a unix socket path"
     try:
         directory.mkdir(mode=0o700, exist_ok=True)
         status = directory.stat()
