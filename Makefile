@@ -25,7 +25,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 bench: setup
-	$(VENV)/bin/lmcache-core bench
+	$(PY) benchmarks/bench_storage.py
 
 docs: setup
 	$(PY) docs/gen_config.py

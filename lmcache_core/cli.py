@@ -1,4 +1,6 @@
-"""``lmcache-core``: inspect plugins, settings and tiers; run the storage benchmarks."""
+"""``lmcache-core``: inspect plugins, settings, tiers and running instances.
+
+The storage benchmarks moved out of the package: ``make bench`` (``benchmarks/bench_storage.py``)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from importlib.metadata import PackageNotFoundError, version
 from lmcache_core.backend import StorageBackend
 from lmcache_core.engine import build_backends
 from lmcache_core.errors import LMCacheError
+from lmcache_core.integrations.vllm.control import Instance, ask, running_instances, select_instance
 from lmcache_core.keys import select_keys
 from lmcache_core.plugins import load_registry
 from lmcache_core.registry import Registry
@@ -90,14 +93,86 @@ def _namespace(args: argparse.Namespace, settings: Settings) -> tuple[str | None
     return settings.namespace, f"namespace {settings.namespace!r}"
 
 
+def _live_instance(args: argparse.Namespace) -> Instance | None:
+    """The running instance ``stats``/``ls`` ask (``None``: build fresh backends), said on stderr."""
+    instance = None if args.fresh else select_instance(args.instance)
+    if instance is None:
+        print("lmcache-core: fresh backends from the LMCACHE_* settings, not a running instance "
+              "(a cpu tier is empty here; `lmcache-core ps` lists running instances)", file=sys.stderr)
+    else:
+        print(f"lmcache-core: live instance {instance.id} (pid {instance.pid}, model {instance.model}, "
+              f"{instance.ranks} ranks)", file=sys.stderr)
+        if args.tier and set(args.tier) - set(instance.tiers):
+            raise LMCacheError(f"--tier {', '.join(sorted(set(args.tier) - set(instance.tiers)))}: instance "
+                               f"{instance.id} has tiers {', '.join(instance.tiers)}")
+    return instance
+
+
+def _rank_answers(instance: Instance, request: dict[str, object]) -> list[tuple[int, dict]]:
+    """Each rank's answer that is not an error; errors are reported on stderr."""
+    answers = []
+    for rank, answer in enumerate(ask(instance, request)["ranks"]):
+        if "error" in answer:
+            print(f"lmcache-core: rank {rank} of instance {instance.id}: {answer['error']}", file=sys.stderr)
+        else:
+            answers.append((rank, answer))
+    return answers
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    instances = running_instances()
+    if not instances:
+        print("no running lmcache-core instances")
+        return 0
+    _print_table([(i.id, i.pid, i.model, ",".join(i.tiers), i.ranks, i.socket.replace("\0", "@")) for i in instances],
+                 ["id", "pid", "model", "tiers", "ranks", "socket"])
+    return 0
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
+    instance = _live_instance(args)
+    if instance is not None:
+        answers = _rank_answers(instance, {"op": "stats"})
+        for rank, answer in answers:
+            for tier, counters in answer["stats"].items():
+                if not args.tier or tier in args.tier:
+                    print(f"rank {rank} {tier}: {json.dumps(counters, default=str)}")
+        return 0 if len(answers) == instance.ranks else 1
     for backend in _tiers(args, *_load()):
         print(f"{backend.name}: {json.dumps(backend.stats(), default=str)}")
         backend.close()
     return 0
 
 
+def _ls_live(args: argparse.Namespace, instance: Instance) -> int:
+    answers = _rank_answers(instance, {"op": "keys", "limit": args.limit, "all_namespaces": args.all_namespaces})
+    listed: dict[str, dict[str, None]] = {}  # tier -> keys in order; a shared tier answers once per rank
+    truncated: set[str] = set()
+    for rank, answer in answers:
+        for tier, listing in answer["tiers"].items():
+            if args.tier and tier not in args.tier:
+                continue
+            if "error" in listing:
+                print(f"{tier}\t(rank {rank}: {listing['error']})", file=sys.stderr)
+                continue
+            listed.setdefault(tier, {}).update(dict.fromkeys(listing["keys"]))
+            if listing["truncated"]:
+                truncated.add(tier)
+    for tier, keys in listed.items():
+        for count, key in enumerate(keys):
+            if args.limit and count >= args.limit:
+                truncated.add(tier)
+                break
+            print(f"{tier}\t{key}")
+        if tier in truncated:
+            print(f"{tier}\t... (--limit {args.limit})")
+    return 0 if len(answers) == instance.ranks else 1
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
+    instance = _live_instance(args)
+    if instance is not None:
+        return _ls_live(args, instance)
     registry, settings = _load()
     namespace, _ = _namespace(args, settings)
     for backend in _tiers(args, registry, settings):
@@ -129,12 +204,6 @@ def cmd_clear(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from lmcache_core import bench
-
-    return bench.main(args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmcache-core", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -157,11 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("ls", "clear"):
             sub.add_argument("--all-namespaces", action="store_true",
                              help="every tenant's chunks, not only those of LMCACHE_NAMESPACE")
-    bench_parser = commands.add_parser("bench", help="storage benchmarks, side by side with the raw baselines")
-    from lmcache_core.bench import add_arguments
-
-    add_arguments(bench_parser)
-    bench_parser.set_defaults(run=cmd_bench)
+        if name in ("stats", "ls"):
+            sub.add_argument("--instance", help="the running instance to ask (`lmcache-core ps`); default: the "
+                                                "only one running, else fresh backends")
+            sub.add_argument("--fresh", action="store_true",
+                             help="fresh backends from the LMCACHE_* settings, even when an instance is running")
+    ps = commands.add_parser("ps", help="running instances (vLLM with lmcache-core) that stats and ls can ask")
+    ps.set_defaults(run=cmd_ps)
     return parser
 
 

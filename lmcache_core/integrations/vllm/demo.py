@@ -1,5 +1,8 @@
 """The demo: vLLM with and without lmcache-core on long-document QA and multi-turn chat.
 
+Not library API: the program behind ``make demo``, free to change; nothing imports it and the
+package does not export it.
+
     python -m lmcache_core.integrations.vllm.demo [--out lmcache-demo] [--quick]
 
 It builds the tiny offline model (once, cached), then runs the same prompts three times, each in a

@@ -1,5 +1,7 @@
 """Run one vLLM engine in a child process on a scripted workload; shared by tests, demo and benchmark.
 
+Not library API: a test and benchmark tool, free to change; the package does not export it.
+
 Each :func:`run_engine` call is one vLLM process lifetime, so "restart vLLM" is just a second call
 (the disk tier lives on in its directory) and the caller never imports vLLM itself. The child
 writes a JSON result: per request the generated token ids, their log-probabilities, vLLM's count of

@@ -23,12 +23,19 @@ call; an answer later than ``deadline_s`` is a miss.
 
 Wire format (``multiprocessing.connection`` framing, no pickle): request = token ids as
 little-endian uint32; reply = ``<II``: chunks found in all tiers, chunks found in the first tier.
+
+The same sockets carry *control* requests (``lmcache-core stats``/``ls`` on a live instance, see
+``control.py``), which the scheduler sends on connections of their own, so a slow listing never
+delays a lookup. A control request is a JSON object padded with spaces to a length of ``4k + 1``
+bytes: a lookup's length is always a multiple of 4, so one length check tells them apart and a
+lookup costs nothing more. The reply is a JSON object; ``{"error": ...}`` when it failed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import queue
@@ -41,6 +48,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -51,14 +59,23 @@ _PEER_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _MAX_UNIX_PATH = 107  # sun_path is 108 bytes, with the terminating NUL
 _BACKOFF_S = 1.0  # a rank that failed is not asked again for this long
 LookupFunction = Callable[[np.ndarray], tuple[int, int]]
+ControlHandler = Callable[[dict[str, Any]], dict[str, Any]]
 _fallbacks_logged: set[str] = set()
 
 
 def socket_path(engine_id: str, data_parallel_rank: int, rank: int) -> str:
     """Where worker ``rank`` of one vLLM engine serves lookups: a path in a private directory, or
     a Linux abstract socket name (starting with NUL) when no such directory is usable."""
-    tag = hashlib.sha256(engine_id.encode()).hexdigest()[:12]
-    name = f"{tag}-dp{data_parallel_rank}-r{rank}.sock"
+    return socket_address(f"{engine_tag(engine_id)}-dp{data_parallel_rank}-r{rank}.sock")
+
+
+def engine_tag(engine_id: str) -> str:
+    """A short name for one vLLM engine id, the stem of its sockets' names."""
+    return hashlib.sha256(engine_id.encode()).hexdigest()[:12]
+
+
+def socket_address(name: str) -> str:
+    """Where the socket ``name`` lives: the private directory, else the abstract namespace."""
     problems = []
     for base in _socket_bases():
         directory = Path(base) / f"lmcache-core-{os.getuid()}"
@@ -99,11 +116,20 @@ def _unusable(directory: Path, path: str) -> str | None:
     return None
 
 
-def _is_abstract(path: str) -> bool:
+def private_runtime_dir() -> Path | None:
+    """This user's private directory for sockets and instance records, or None if none is usable."""
+    for base in _socket_bases():
+        directory = Path(base) / f"lmcache-core-{os.getuid()}"
+        if _unusable(directory, str(directory)) is None:
+            return directory
+    return None
+
+
+def is_abstract(path: str) -> bool:
     return path.startswith("\0")
 
 
-def _peer_is_this_user(connection: Connection) -> bool:
+def peer_is_this_user(connection: Connection) -> bool:
     """Whether the process at the other end runs as this user (always true where the kernel cannot
     tell: those platforms use the private directory, whose mode already keeps others out)."""
     if not hasattr(socket, "SO_PEERCRED"):
@@ -115,21 +141,23 @@ def _peer_is_this_user(connection: Connection) -> bool:
 
 
 class LookupServer:
-    """Answers lookups for one worker on a background thread per connection.
+    """Answers lookups (and, with ``control``, control requests) for one worker on a background
+    thread per connection.
 
     Never raises for its socket: when it cannot listen, it logs one error and serves nothing, and
     the scheduler treats every prompt as a miss (vLLM runs on, without cache hits)."""
 
-    def __init__(self, path: str, lookup: LookupFunction) -> None:
+    def __init__(self, path: str, lookup: LookupFunction, control: ControlHandler | None = None) -> None:
         self.path = path
         self._lookup = lookup
+        self._control = control
         self._closed = threading.Event()
         self._listener: Listener | None = None
         try:
-            if not _is_abstract(path) and os.path.exists(path):  # left by a crashed worker of this engine id
+            if not is_abstract(path) and os.path.exists(path):  # left by a crashed worker of this engine id
                 os.unlink(path)
             self._listener = Listener(path, family="AF_UNIX")
-            if not _is_abstract(path):
+            if not is_abstract(path):
                 os.chmod(path, 0o600)
         except OSError as error:
             log.error("lmcache-core: cannot serve lookups on %r (%s): this worker's cache will not be used for "
@@ -145,7 +173,7 @@ class LookupServer:
                 connection = self._listener.accept()
             except OSError:
                 return  # closed
-            if not _peer_is_this_user(connection):
+            if not peer_is_this_user(connection):
                 log.warning("lmcache-core: refused a lookup connection on %r from another user", self.path)
                 connection.close()
                 continue
@@ -158,23 +186,40 @@ class LookupServer:
                     request = connection.recv_bytes()
                 except (EOFError, OSError):
                     return
-                tokens = np.frombuffer(request, dtype="<u4")
+                reply = self._answer_control(request) if len(request) % 4 else self._answer_lookup(request)
                 try:
-                    found, first_tier = self._lookup(tokens)
-                except Exception:
-                    log.exception("lookup failed; answering 0 (a miss)")
-                    found, first_tier = 0, 0
-                try:
-                    connection.send_bytes(_REPLY.pack(found, first_tier))
+                    connection.send_bytes(reply)
                 except OSError:
                     return
+
+    def _answer_lookup(self, request: bytes) -> bytes:
+        tokens = np.frombuffer(request, dtype="<u4")
+        try:
+            found, first_tier = self._lookup(tokens)
+        except Exception:
+            log.exception("lookup failed; answering 0 (a miss)")
+            found, first_tier = 0, 0
+        return _REPLY.pack(found, first_tier)
+
+    def _answer_control(self, request: bytes) -> bytes:
+        try:
+            message = json.loads(request)
+            if not isinstance(message, dict):
+                raise ValueError("a control request is a JSON object")
+            if self._control is None:
+                raise ValueError("this worker answers no control requests")
+            answer = self._control(message)
+        except Exception as error:  # a control request never ends the connection or the worker
+            log.debug("control request failed", exc_info=True)
+            answer = {"error": f"{type(error).__name__}: {error}"}
+        return json.dumps(answer, default=str).encode()
 
     def close(self) -> None:
         self._closed.set()
         if self._listener is None:
             return
         self._listener.close()  # unlinks a path it created
-        if not _is_abstract(self.path) and os.path.exists(self.path):
+        if not is_abstract(self.path) and os.path.exists(self.path):
             os.unlink(self.path)
 
 
@@ -316,12 +361,19 @@ class LookupClient:
         except OSError as error:
             self._fail(path, f"cannot connect ({error})")
             return None
-        if not _peer_is_this_user(connection):  # an abstract name taken by another user's process
+        if not peer_is_this_user(connection):  # an abstract name taken by another user's process
             connection.close()
             self._fail(path, "the socket belongs to another user")
             return None
         self._connections[path] = connection
         return connection
+
+    def ask_control(self, request: dict[str, Any], timeout_s: float = 10.0) -> list[dict[str, Any]]:
+        """Send a control request to every rank, one answer per rank in rank order.
+
+        Uses connections of its own (never the lookup thread's), so a slow answer never holds a
+        lookup back; a rank that fails or is later than ``timeout_s`` answers ``{"error": ...}``."""
+        return ask_control(self.paths, request, timeout_s)
 
     def _fail(self, path: str, reason: str | None) -> None:
         """Close the rank's connection and back off; ``reason`` None: late, logged by the caller."""
@@ -340,3 +392,47 @@ class LookupClient:
         for connection in self._connections.values():
             connection.close()
         self._connections.clear()
+
+
+def encode_control(request: dict[str, Any]) -> bytes:
+    """A control request's bytes: JSON padded with spaces to ``4k + 1`` bytes, a length no lookup has."""
+    payload = json.dumps(request).encode()
+    return payload + b" " * ((1 - len(payload)) % 4)
+
+
+def ask_control(paths: Sequence[str], request: dict[str, Any], timeout_s: float) -> list[dict[str, Any]]:
+    """Send ``request`` to the server at each of ``paths`` at once; each one's JSON answer, in order."""
+    deadline = time.monotonic() + timeout_s
+    frame = encode_control(request)
+    connections: list[Connection | dict[str, Any]] = []
+    for path in paths:
+        try:
+            connection = Client(path, family="AF_UNIX")
+        except OSError as error:
+            connections.append({"error": f"cannot connect to {path!r}: {error}"})
+            continue
+        if not peer_is_this_user(connection):
+            connection.close()
+            connections.append({"error": f"{path!r} belongs to another user"})
+            continue
+        try:
+            connection.send_bytes(frame)
+        except OSError as error:
+            connection.close()
+            connections.append({"error": f"cannot send to {path!r}: {error}"})
+            continue
+        connections.append(connection)
+    return [_control_answer(path, entry, deadline) for path, entry in zip(paths, connections, strict=True)]
+
+
+def _control_answer(path: str, entry: Connection | dict[str, Any], deadline: float) -> dict[str, Any]:
+    if isinstance(entry, dict):
+        return entry
+    with entry:
+        try:
+            if not entry.poll(max(0.0, deadline - time.monotonic())):
+                return {"error": f"no answer from {path!r} in time"}
+            answer = json.loads(entry.recv_bytes())
+        except (OSError, EOFError, ValueError) as error:
+            return {"error": f"bad answer from {path!r}: {error or type(error).__name__}"}
+    return answer if isinstance(answer, dict) else {"error": f"bad answer from {path!r}: not a JSON object"}

@@ -6,6 +6,11 @@
 
 Results are printed as a markdown table of GB/s and the ratio ours/baseline (higher is better),
 and optionally written as JSON. Each figure is the median of ``--repeat`` runs.
+
+    python benchmarks/bench_storage.py --repeat 5           # or: make bench
+    python benchmarks/bench_storage.py disk --disk-dir /var/cache/kv --chunk-mib 4
+
+It runs from a source checkout (it is not in the wheel) against the installed package and plugins.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import hashlib
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -176,7 +182,10 @@ def bench_disk(args: argparse.Namespace) -> list[dict]:
 BENCHMARKS = {"hash": bench_hash, "cpu": bench_cpu, "disk": bench_disk}
 
 
-def main(args: argparse.Namespace) -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
     torch.manual_seed(0)
     rows = []
     for name in args.which or list(BENCHMARKS):
@@ -188,3 +197,7 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
