@@ -125,11 +125,11 @@ def test_ls_lists_only_this_namespace_unless_asked(
     store.put_foreign()
     monkeypatch.setenv("LMCACHE_NAMESPACE", OURS)
 
-    code, out, _ = run_cli(capsys, "ls")
+    code, out, _ = run_cli(capsys, "ls", "--fresh")
     assert code == 0
     assert {line.split("\t")[1] for line in out.splitlines()} == ours
 
-    code, out, _ = run_cli(capsys, "ls", "--all-namespaces")
+    code, out, _ = run_cli(capsys, "ls", "--fresh", "--all-namespaces")
     assert code == 0
     assert {line.split("\t")[1] for line in out.splitlines()} == ours | theirs
 

@@ -145,7 +145,7 @@ def test_new_vllm_process_finds_chunks_on_the_disk_tier(
     assert_same_generation(local, baseline["rounds"][0]["requests"][0])
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # stopped with this module: later tests see no running instance
 def server(model_path: str, plugin_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Any:
     """vLLM's OpenAI-compatible server as users run it in containers: the connector named on the
     command line, everything else from LMCACHE_* environment variables."""
