@@ -1,4 +1,8 @@
-"""What plugins registered: backend specs (import strings, not classes) and load-time failures."""
+"""What plugins registered: backend specs (import strings, not classes), codecs, and load-time failures.
+
+One Registry is built per process by :func:`lmcache_core.plugins.load_registry`; nothing here is
+process-global, so two registries (a test's and the server's) never see each other's codecs.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import importlib.util
 import logging
 from dataclasses import dataclass, field
 
-from lmcache_core.codecs import Codec, register_codec
+from lmcache_core.codecs import Codec
 from lmcache_core.errors import MissingExtraError, PluginError, UnknownBackendError
 
 log = logging.getLogger(__name__)
@@ -55,7 +59,8 @@ class BackendSpec:
 class Registry:
     backends: dict[str, BackendSpec] = field(default_factory=dict)
     plugins: dict[str, str] = field(default_factory=dict)  # plugin name -> "loaded" or the error
-    codecs: list[str] = field(default_factory=list)
+    codecs: dict[str, Codec] = field(default_factory=dict)  # what encoders use and decoders look up
+    codec_plugins: dict[str, str] = field(default_factory=dict)  # codec name -> the plugin that registered it
 
     def backend(self, name: str) -> BackendSpec:
         try:
@@ -135,5 +140,10 @@ class CodecRegistrar:
             raise PluginError(f"plugin {self._plugin!r}: {codec!r} is not a Codec (name, encode, decode)")
         if len(codec.name.encode()) > 8:
             raise PluginError(f"plugin {self._plugin!r}: codec name {codec.name!r} is longer than 8 bytes")
-        register_codec(codec)
-        self._registry.codecs.append(codec.name)
+        existing = self._registry.codec_plugins.get(codec.name)
+        if existing is not None:  # objects name their codec: two meanings of one name would misdecode
+            raise PluginError(
+                f"plugin {self._plugin!r} registers codec {codec.name!r}, already registered by {existing!r}"
+            )
+        self._registry.codecs[codec.name] = codec
+        self._registry.codec_plugins[codec.name] = self._plugin

@@ -20,7 +20,7 @@ import re
 from collections.abc import Callable, Mapping
 from pathlib import Path, PurePath
 from types import UnionType
-from typing import Any, Literal, NamedTuple, Union, get_args, get_origin
+from typing import Any, Literal, NamedTuple, NoReturn, Union, get_args, get_origin
 from urllib.parse import unquote_plus
 
 import yaml
@@ -465,6 +465,51 @@ def _error_lines(
     return lines
 
 
+def _read_sources(env: Mapping[str, str], accepts: Callable[[str], bool]) -> tuple[_Raw, dict[str, _Legacy]]:
+    """The YAML file's settings and those of the ``LMCACHE_*`` variables that ``accepts``, merged."""
+    raw = _Raw()
+    legacy: dict[str, _Legacy] = {}
+    config_file = env.get(CONFIG_FILE_VARIABLE)
+    if config_file:
+        _merge_yaml(raw, legacy, Path(config_file).expanduser())
+    for name, value in sorted(env.items()):
+        if name.startswith(PREFIX) and name != CONFIG_FILE_VARIABLE and accepts(name):
+            raw.set(tuple(part.lower() for part in name[len(PREFIX) :].split("__")), value, name, ENV)
+    return raw, legacy
+
+
+def _raise_problems(problems: list[str]) -> NoReturn:
+    if len(problems) == 1:  # one line: what the CLI prints and a log shows
+        raise SettingsError(f"invalid lmcache-core settings: {problems[0]}")
+    raise SettingsError("invalid lmcache-core settings:\n  " + "\n  ".join(problems))
+
+
+def load_plugin_settings(environ: Mapping[str, str] | None = None) -> PluginSettings:
+    """The ``plugins`` section alone, from the same sources and by the same rules as
+    :func:`load_settings` (which validates it again, with everything else).
+
+    Plugins must load before the rest can be validated (backends own settings sections), so this
+    part is read first; the loader obeys exactly what validation accepted.
+    """
+    env = dict(os.environ if environ is None else environ)
+    raw, _ = _read_sources(env, lambda name: name.startswith(f"{PREFIX}PLUGINS__"))
+    section = raw.get(("plugins",))
+    problems: list[str] = []
+    if section is not None and not isinstance(section, dict):
+        problems.append(f"{raw.origin_of(('plugins',))}: expected a mapping with allow, deny, strict")
+        section = {}
+    plugin_settings = None
+    try:
+        plugin_settings = PluginSettings.model_validate(
+            _drop_blank(PluginSettings, section or {}, ("plugins",), raw, problems)
+        )
+    except ValidationError as error:
+        problems.extend(_error_lines(error, raw, PluginSettings, ("plugins",)))
+    if problems or plugin_settings is None:
+        _raise_problems(problems)
+    return plugin_settings
+
+
 def load_settings(
     registry: Registry,
     environ: Mapping[str, str] | None = None,
@@ -538,9 +583,7 @@ def load_settings(
             backends[name] = model.model_validate(_drop_blank(model, section, (name,), raw, problems))
         except ValidationError as error:
             problems.extend(_error_lines(error, raw, model, (name,)))
-    from lmcache_core.codecs import available_codecs
-
-    codecs = available_codecs()
+    codecs = sorted(registry.codecs)
     if settings is not None and settings.codec not in codecs:
         problems.append(f"{raw.origin_of(('codec',))}: unknown codec {settings.codec!r}; allowed: {', '.join(codecs)}")
     for name, section in backends.items():
@@ -549,9 +592,7 @@ def load_settings(
                 f"{raw.origin_of((name, 'codec'))}: unknown codec {section.codec!r}; allowed: {', '.join(codecs)}"
             )
     if problems or settings is None:
-        if len(problems) == 1:  # one line: what the CLI prints and a log shows
-            raise SettingsError(f"invalid lmcache-core settings: {problems[0]}")
-        raise SettingsError("invalid lmcache-core settings:\n  " + "\n  ".join(problems))
+        _raise_problems(problems)
     settings._backends = {name: section for name, section in backends.items() if name in tiers}
     return settings
 
