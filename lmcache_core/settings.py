@@ -216,7 +216,7 @@ NOT_YET_IMPLEMENTED = ("save_decode_cache", "use_layerwise", "enable_async_loadi
 # are fields of Settings. Each backend declares its own LMCache names at registration
 # (``Registry.legacy_variables``), e.g. LMCACHE_LOCAL_CPU or LMCACHE_MAX_LOCAL_DISK_SIZE.
 LEGACY_VARIABLES = {
-    "LMCACHE_REMOTE_URL": "URL: adds the backend serving its scheme (redis://, s3://, file://, ...)",
+    "LMCACHE_REMOTE_URL": "URL: adds the tier whose backend declares its scheme (see each backend above)",
     "LMCACHE_REMOTE_SERDE": "codec of the remote tier (naive = raw)",
     "LMCACHE_SAVE_UNFULL_CHUNK": "bool: save_unfull_chunk",
 }
