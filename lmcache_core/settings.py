@@ -3,8 +3,11 @@
 Precedence: environment > ``LMCACHE_CONFIG_FILE`` (YAML) > defaults. Nested fields use ``__``
 (``LMCACHE_CPU__MAX_SIZE=4GiB``). Each backend plugin owns a settings section named after it,
 validated by the model it registered. The LMCache variable names people already set in vLLM
-containers are accepted too and mapped onto ours (see ``LEGACY_VARIABLES``); a mapped value keeps
-the rank of where it was set, so the environment wins over the file whichever names each uses.
+containers are accepted too and mapped onto ours: the core's in ``LEGACY_VARIABLES``, each
+backend's declared at its registration (``legacy_variables``); a mapped value keeps the rank of
+where it was set, so the environment wins over the file whichever names each uses. The
+``plugins`` section is read first on its own (:func:`load_plugin_settings`), to choose the
+plugins whose backends own the other sections.
 
 Every validation error names the variable (or YAML key) the operator actually wrote, the value,
 and what is allowed. Unknown ``LMCACHE_*`` variables produce a warning naming the closest known one.
