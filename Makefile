@@ -14,7 +14,7 @@ demo: setup
 	$(PY) -m lmcache_core.integrations.vllm.demo
 
 test: setup
-	bash scripts/start-services.sh
+	bash scripts/install-services.sh
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 

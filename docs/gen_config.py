@@ -12,7 +12,7 @@ from pathlib import Path
 from pydantic import BaseModel, ByteSize
 
 from lmcache_core.plugins import load_registry
-from lmcache_core.settings import LEGACY_VARIABLES, PREFIX, Settings
+from lmcache_core.settings import PREFIX, Settings, legacy_variables
 
 PAGE = Path(__file__).with_name("configuration.md")
 
@@ -72,6 +72,15 @@ def render() -> str:
     for name in sorted(registry.backends):
         spec = registry.backends[name]
         lines += ["", f"### `{name}`", "", spec.description or "", ""]
+        if name != spec.name:
+            lines += [f"`{name}` is another name of the `{spec.name}` backend, kept for configurations written "
+                      f"before it was renamed: a tier of either name works, each with its own section.", ""]
+        declared = [f"medium: {spec.medium}"]
+        if spec.url_schemes:
+            declared.append(f"`LMCACHE_REMOTE_URL` schemes: {', '.join(f'`{s}://`' for s in spec.url_schemes)} "
+                            f"(the URL sets `{spec.url_setting}`)")
+        text = "; ".join(declared)
+        lines += [text[0].upper() + text[1:] + ".", ""]
         if spec.extra:
             lines += [f"Needs `pip install 'lmcache-core[{spec.extra}]'`.", ""]
         lines += ["| Variable | Default | Meaning |", "|---|---|---|",
@@ -81,11 +90,13 @@ def render() -> str:
         "## LMCache variable names",
         "",
         "The names LMCache users already set in vLLM containers are accepted and mapped onto the above.",
-        "`LMCACHE_CHUNK_SIZE` is the same setting in both. Booleans accept true/false/1/0.",
+        "`LMCACHE_CHUNK_SIZE`, `LMCACHE_SAVE_DECODE_CACHE`, `LMCACHE_USE_LAYERWISE`, `LMCACHE_ENABLE_ASYNC_LOADING`,",
+        "`LMCACHE_ENABLE_BLENDING` and `LMCACHE_BLEND_*` are core settings of the same name (above). The names",
+        "about a backend are declared by that backend's plugin. Booleans accept true/false/1/0.",
         "",
         "| Variable | Meaning here |",
         "|---|---|",
-        *[f"| `{name}` | {meaning} |" for name, meaning in LEGACY_VARIABLES.items()],
+        *[f"| `{name}` | {meaning} |" for name, meaning in legacy_variables(registry).items()],
         "",
     ]
     return "\n".join(lines)

@@ -19,12 +19,13 @@ import logging
 import threading
 from abc import ABC, abstractmethod
 from collections import Counter, OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from lmcache_core.codecs import BUILTIN_CODECS, Codec
 from lmcache_core.errors import CorruptEntryError, ForgedEntryError, UnsupportedEntryError
 from lmcache_core.keys import ChunkKey, select_keys
 from lmcache_core.serde import decode_chunk, encode_chunk
@@ -64,6 +65,9 @@ class BackendContext:
     # From LMCACHE_KEY_SECRET (serde.derive_mac_key): byte tiers authenticate objects with it. Never
     # shown in a repr, so a logged context cannot leak it.
     mac_key: bytes | None = field(default=None, repr=False)
+    # The codecs the registry knows, by name: what byte tiers encode with and decode by (an object
+    # names its codec). The built-in ones when a backend is built by hand.
+    codecs: Mapping[str, Codec] = field(default_factory=lambda: BUILTIN_CODECS, repr=False)
 
 
 class StorageBackend(ABC):
@@ -163,7 +167,7 @@ class SerializingBackend(StorageBackend):
                 results.append(None)
                 continue
             try:
-                results.append(decode_chunk(blob, key, mac_key=self.context.mac_key).tensor)
+                results.append(decode_chunk(blob, key, mac_key=self.context.mac_key, codecs=self.context.codecs).tensor)
                 self.count("read_bytes", len(blob))
             except UnsupportedEntryError as error:
                 self.count("unsupported_entries")
@@ -190,10 +194,10 @@ class SerializingBackend(StorageBackend):
         """Frame (and checksum) the whole batch, then write it: the writes then go out back to back.
         Checksumming each chunk just before writing it measured slower against Redis
         (docs/backends-remote.md), most likely because the server idles between values."""
-        mac_key = self.context.mac_key
+        mac_key, codecs = self.context.mac_key, self.context.codecs
         items = [
             (str(chunk.key), encode_chunk(chunk.key, chunk.kv, codec=self.codec, chunk_index=chunk.index,
-                                          mac_key=mac_key))
+                                          mac_key=mac_key, codecs=codecs))
             for chunk in chunks
         ]
         stored = self._write_blobs(items)

@@ -54,7 +54,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             "plugins": registry.plugins,
             "backends": {name: {"status": spec.status, "plugin": spec.plugin, "url_schemes": spec.url_schemes}
                          for name, spec in sorted(registry.backends.items())},
-            "codecs": registry.codecs,
+            "codecs": sorted(registry.codecs),
             "settings": settings.effective(),
         }, indent=2, default=str))
         return 0

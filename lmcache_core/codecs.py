@@ -1,8 +1,10 @@
 """Payload codecs: how a chunk tensor becomes bytes and back.
 
-Codecs are registered by name through the ``lmcache_register_codecs`` hook, like backends. The
-two built-in ones live here and are registered by this module's hook implementation, loaded
-through the same entry-point group as every other plugin.
+A pure library: this module imports only torch and registers nothing. Which codecs a process
+knows is the :class:`lmcache_core.registry.Registry`'s business (plugins register them through the
+``lmcache_register_codecs`` hook; the two built-in ones below come from the ``builtin_codecs``
+plugin, ``plugins/lmcache_codecs``). Encoders and decoders are handed a codec or a name lookup;
+:data:`BUILTIN_CODECS` is the read-only lookup used where none is given.
 
 - ``raw``: the tensor's bytes, zero-copy both ways.
 - ``fp8``: float8 e4m3 with one float32 scale per (layer, K/V, head); halves bf16/fp16 payloads
@@ -17,11 +19,11 @@ them. :func:`codec_accepts` is that rule; the engine applies it at start-up (fal
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Protocol, runtime_checkable
 
 import torch
-
-from lmcache_core.hookspecs import hookimpl
 
 
 @runtime_checkable
@@ -124,33 +126,12 @@ class Fp8Codec:
         return (quantized.float() * scales[:, :, None, :, None]).to(dtype)
 
 
-_CODECS: dict[str, Codec] = {}
-BUILTIN_CODECS: tuple[Codec, ...] = (RawCodec(), Fp8Codec())
+BUILTIN_CODECS: Mapping[str, Codec] = MappingProxyType({codec.name: codec for codec in (RawCodec(), Fp8Codec())})
 
 
-def register_codec(codec: Codec) -> None:
-    """Make ``codec`` available by ``codec.name`` to encoders and decoders in this process."""
-    if not isinstance(codec, Codec):
-        raise TypeError(f"{codec!r} does not implement the Codec protocol (name, encode, decode)")
-    _CODECS[codec.name] = codec
-
-
-def get_codec(name: str) -> Codec:
-    if not _CODECS:  # the plugin manager has not run yet: serve the built-ins
-        for codec in BUILTIN_CODECS:
-            register_codec(codec)
+def get_codec(name: str, codecs: Mapping[str, Codec] = BUILTIN_CODECS) -> Codec:
+    """The codec called ``name`` in ``codecs``; ``KeyError`` naming the available ones otherwise."""
     try:
-        return _CODECS[name]
+        return codecs[name]
     except KeyError:
-        raise KeyError(f"unknown codec {name!r}; available: {', '.join(sorted(_CODECS))}") from None
-
-
-def available_codecs() -> list[str]:
-    get_codec("raw")
-    return sorted(_CODECS)
-
-
-@hookimpl
-def lmcache_register_codecs(register) -> None:  # type: ignore[no-untyped-def]
-    for codec in BUILTIN_CODECS:
-        register(codec)
+        raise KeyError(f"unknown codec {name!r}; available: {', '.join(sorted(codecs))}") from None

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from lmcache_core.backend import BackendContext, Chunk, StorageBackend
-from lmcache_core.codecs import codec_accepts, get_codec
+from lmcache_core.codecs import BUILTIN_CODECS, Codec, codec_accepts, get_codec
 from lmcache_core.errors import BackendUnavailableError
 from lmcache_core.keys import CacheScope, ChunkHasher, ChunkKey, KVLayout
 from lmcache_core.plugins import load_registry
@@ -44,7 +44,7 @@ def build_backends(settings: Settings, registry: Registry) -> list[StorageBacken
     for name in settings.tiers:
         backend_class = registry.backend_class(name)
         backend_settings = settings.backend(name)
-        context = BackendContext(tier_name=name, default_codec=settings.codec, mac_key=mac_key)
+        context = BackendContext(tier_name=name, default_codec=settings.codec, mac_key=mac_key, codecs=registry.codecs)
         backend = backend_class(backend_settings, context)
         try:
             backend.check_health()
@@ -63,7 +63,7 @@ def build_backends(settings: Settings, registry: Registry) -> list[StorageBacken
 
 class CacheEngine:
     def __init__(self, settings: Settings, registry: Registry, scope: CacheScope) -> None:
-        settings = codecs_for_kv(settings, scope.layout.dtype)
+        settings = codecs_for_kv(settings, scope.layout.dtype, registry.codecs)
         self.settings = settings
         self.registry = registry
         self.scope = scope
@@ -191,7 +191,7 @@ class CacheEngine:
         self.close()
 
 
-def codecs_for_kv(settings: Settings, dtype: str) -> Settings:
+def codecs_for_kv(settings: Settings, dtype: str, codecs: Mapping[str, Codec] = BUILTIN_CODECS) -> Settings:
     """``settings`` with every codec that cannot encode ``dtype`` KV replaced by ``raw``.
 
     A lossy codec over already-quantized KV (vLLM keeps ``--kv-cache-dtype fp8`` caches as uint8)
@@ -200,13 +200,13 @@ def codecs_for_kv(settings: Settings, dtype: str) -> Settings:
     """
     refused: list[str] = []
     updated = settings
-    if not codec_accepts(get_codec(settings.codec), dtype):
+    if not codec_accepts(get_codec(settings.codec, codecs), dtype):
         refused.append(f"LMCACHE_CODEC={settings.codec}")
         updated = settings.model_copy(update={"codec": "raw"})
     backends = {}
     for tier in settings.tiers:
         section = settings.backend(tier)
-        if section.codec is not None and not codec_accepts(get_codec(section.codec), dtype):
+        if section.codec is not None and not codec_accepts(get_codec(section.codec, codecs), dtype):
             refused.append(f"LMCACHE_{tier.upper()}__CODEC={section.codec}")
             section = section.model_copy(update={"codec": "raw"})
         backends[tier] = section

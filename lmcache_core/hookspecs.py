@@ -35,7 +35,11 @@ def lmcache_register_backends(register: BackendRegistrar) -> None:
     ``settings`` is ``"module:Model"`` of a :class:`lmcache_core.backend.BackendSettings` subclass
     (its fields are read from ``LMCACHE_<NAME>__<FIELD>``), ``requires`` lists importable modules the
     backend needs and ``extra`` the pip extra that provides them, ``url_schemes`` the URL schemes of
-    ``LMCACHE_REMOTE_URL`` it serves. Since API version 1.
+    ``LMCACHE_REMOTE_URL`` it serves and ``url_setting`` the field such a URL sets, ``medium``
+    where it keeps chunks (``host``, ``disk`` or ``remote``: vLLM's hit-source metrics and the order
+    of tiers), ``aliases`` more tier names it answers to, ``legacy`` the LMCache variables it maps
+    onto its settings (:class:`lmcache_core.registry.LegacyVariable`). Since API version 1; the
+    keywords after ``description`` are optional, so a plugin written before them still registers.
     """
 
 
@@ -43,5 +47,7 @@ def lmcache_register_backends(register: BackendRegistrar) -> None:
 def lmcache_register_codecs(register: CodecRegistrar) -> None:
     """Called once when plugins load; call ``register(codec)`` for each payload codec.
 
-    ``codec`` implements :class:`lmcache_core.codecs.Codec`. Since API version 1.
+    ``codec`` implements :class:`lmcache_core.codecs.Codec`; a name another plugin registered is
+    refused. The built-in ``raw`` and ``fp8`` come from the ``builtin_codecs`` plugin, which always
+    loads. Since API version 1.
     """

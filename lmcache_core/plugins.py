@@ -1,15 +1,16 @@
 """The one place entry points are read. Built-in and third-party plugins load through this loop.
 
 One broken third-party plugin is logged under its own name and skipped, so it cannot take a
-server down; ``LMCACHE_PLUGINS__STRICT=1`` makes it fatal, for plugin developers.
-``LMCACHE_PLUGINS__ALLOW`` / ``LMCACHE_PLUGINS__DENY`` (comma-separated entry-point names) choose
-what loads.
+server down; ``plugins.strict`` (``LMCACHE_PLUGINS__STRICT=1``) makes it fatal, for plugin
+developers. ``plugins.allow`` / ``plugins.deny`` (entry-point names) choose what loads. These three
+come from the same validated settings as everything else (:class:`PluginSettings`), from the
+environment or the YAML file's ``plugins:`` section.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
-import os
 from collections.abc import Iterable, Mapping
 from importlib.metadata import entry_points
 from types import ModuleType
@@ -19,30 +20,33 @@ import pluggy
 from lmcache_core import hookspecs
 from lmcache_core.errors import PluginError
 from lmcache_core.registry import BackendRegistrar, CodecRegistrar, Registry
+from lmcache_core.settings import PluginSettings, load_plugin_settings
 
 log = logging.getLogger(__name__)
 
-
-def _truthy(value: str | None) -> bool:
-    return (value or "").strip().lower() in {"1", "true", "yes", "on"}
-
-
-def _names(value: str | None) -> set[str]:
-    return {item.strip() for item in (value or "").split(",") if item.strip()}
+# Plugins that are part of lmcache-core itself: loaded first and always, whatever the allow and
+# deny lists say (settings default to the raw codec, and every stored object names its codec).
+# Declared as entry points like every other plugin; imported by module name when the installed
+# metadata predates the entry point (an editable install not reinstalled since).
+CORE_PLUGINS = {"builtin_codecs": "lmcache_codecs"}
+# Entry-point names of earlier releases, and the plugin that took over each one's job.
+RETIRED_ENTRY_POINTS = {"codecs": "builtin_codecs"}
 
 
 def load_registry(
     environ: Mapping[str, str] | None = None,
     extra_plugins: Iterable[tuple[str, ModuleType | object]] = (),
+    *,
+    plugin_settings: PluginSettings | None = None,
 ) -> Registry:
     """Load every plugin of the ``lmcache_core`` group (plus ``extra_plugins``) into a Registry.
 
-    Plugin loading reads its three settings straight from the environment because it has to
-    happen before the full settings can be validated (backends own settings sections).
+    ``plugin_settings`` default to the ``plugins`` section of the settings in ``environ`` (and its
+    ``LMCACHE_CONFIG_FILE``), validated by :func:`load_plugin_settings`: an invalid value is a
+    :class:`SettingsError` naming the variable, as for any other setting.
     """
-    env = os.environ if environ is None else environ
-    strict = _truthy(env.get("LMCACHE_PLUGINS__STRICT"))
-    allow, deny = _names(env.get("LMCACHE_PLUGINS__ALLOW")), _names(env.get("LMCACHE_PLUGINS__DENY"))
+    chosen = plugin_settings if plugin_settings is not None else load_plugin_settings(environ)
+    allow, deny, strict = set(chosen.allow), set(chosen.deny), chosen.strict
     registry = Registry()
     manager = pluggy.PluginManager(hookspecs.PROJECT_NAME)
     manager.add_hookspecs(hookspecs)
@@ -53,15 +57,32 @@ def load_registry(
             raise PluginError(f"plugin {name!r} failed to load: {error}") from error
         log.warning("lmcache-core plugin %r skipped: %s: %s", name, type(error).__name__, error)
 
+    core: dict[str, object] = {}
     candidates: list[tuple[str, object]] = []
     for entry_point in entry_points(group=hookspecs.ENTRY_POINT_GROUP):
-        if (allow and entry_point.name not in allow) or entry_point.name in deny:
-            registry.plugins[entry_point.name] = "disabled by LMCACHE_PLUGINS__ALLOW/DENY"
+        name = entry_point.name
+        if name in RETIRED_ENTRY_POINTS:
+            registry.plugins[name] = f"retired: {RETIRED_ENTRY_POINTS[name]} does its job"
+            continue
+        if name not in CORE_PLUGINS and ((allow and name not in allow) or name in deny):
+            registry.plugins[name] = "disabled by LMCACHE_PLUGINS__ALLOW/DENY"
             continue
         try:
-            candidates.append((entry_point.name, entry_point.load()))
+            plugin = entry_point.load()
         except Exception as error:  # a third-party import error must not stop the others
-            fail(entry_point.name, error)
+            fail(name, error)
+            continue
+        if name in CORE_PLUGINS:
+            core[name] = plugin
+        else:
+            candidates.append((name, plugin))
+    for name, module in CORE_PLUGINS.items():
+        if core.get(name) is None:
+            try:
+                core[name] = importlib.import_module(module)
+            except Exception as error:
+                fail(name, error)
+    candidates = [*((name, plugin) for name, plugin in core.items() if plugin is not None), *candidates]
     candidates.extend(extra_plugins)
 
     for name, plugin in candidates:
@@ -88,7 +109,8 @@ def load_registry(
         (manager.hook.lmcache_register_backends, BackendRegistrar),
     )
     for hook, registrar in hooks:
-        for impl in hook.get_hookimpls():
+        # pluggy calls the last registered first; the core's own plugins register their names first
+        for impl in sorted(hook.get_hookimpls(), key=lambda impl: impl.plugin_name not in CORE_PLUGINS):
             try:
                 impl.function(register=registrar(registry, impl.plugin_name))
             except Exception as error:

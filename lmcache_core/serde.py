@@ -33,7 +33,7 @@ from __future__ import annotations
 import hmac
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from hashlib import blake2b
 
@@ -41,7 +41,7 @@ import blake3
 import torch
 import xxhash
 
-from lmcache_core.codecs import Codec, get_codec
+from lmcache_core.codecs import BUILTIN_CODECS, Codec, get_codec
 from lmcache_core.errors import CorruptEntryError, ForgedEntryError, UnsupportedEntryError
 from lmcache_core.keys import ChunkKey
 
@@ -124,8 +124,11 @@ def encode_chunk(
     num_tokens: int | None = None,
     chunk_index: int = 0,
     mac_key: bytes | None = None,
+    codecs: Mapping[str, Codec] = BUILTIN_CODECS,
 ) -> list[memoryview]:
     """Encode ``tensor`` for ``key``: returns [header, payload...] buffers, ready for a vectored write.
+
+    ``codec`` is a codec, or a name looked up in ``codecs`` (a registry's, or the built-in ones).
 
     With ``mac_key`` (see :func:`derive_mac_key`) the object is authenticated. The payload
     checksum is written either way, so readers without the secret can still verify it.
@@ -137,7 +140,7 @@ def encode_chunk(
         raise ValueError(f"cannot store dtype {tensor.dtype}; supported: {sorted(map(str, DTYPE_CODES))}")
     if tensor.dim() > MAX_DIMS:
         raise ValueError(f"cannot store a tensor with more than {MAX_DIMS} dimensions")
-    codec_impl = get_codec(codec) if isinstance(codec, str) else codec
+    codec_impl = get_codec(codec, codecs) if isinstance(codec, str) else codec
     payload = codec_impl.encode(tensor.detach().cpu().contiguous())
     checksum = xxhash.xxh3_64()
     payload_len = 0
@@ -215,8 +218,12 @@ def decode_chunk(
     *,
     mac_key: bytes | None = None,
     verify_checksum: bool = True,
+    codecs: Mapping[str, Codec] = BUILTIN_CODECS,
 ) -> DecodedChunk:
     """Decode an object written by :func:`encode_chunk` for ``expected_key``.
+
+    The header names the codec; it is looked up in ``codecs`` (a registry's, or the built-in ones),
+    and one that is not there makes the object unsupported here (a miss, left for other readers).
 
     With ``mac_key`` only objects authenticated under that key decode; the MAC check also covers
     the payload, so the checksum is then not computed. ``verify_checksum=False`` skips the
@@ -235,7 +242,7 @@ def decode_chunk(
     elif verify_checksum and xxhash.xxh3_64_intdigest(payload) != header.payload_checksum:
         raise CorruptEntryError("payload checksum mismatch")
     try:
-        codec = get_codec(header.codec)
+        codec = get_codec(header.codec, codecs)
     except KeyError as exc:
         raise UnsupportedEntryError(f"codec {header.codec!r} is not installed here") from exc
     try:

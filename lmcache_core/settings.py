@@ -3,8 +3,11 @@
 Precedence: environment > ``LMCACHE_CONFIG_FILE`` (YAML) > defaults. Nested fields use ``__``
 (``LMCACHE_CPU__MAX_SIZE=4GiB``). Each backend plugin owns a settings section named after it,
 validated by the model it registered. The LMCache variable names people already set in vLLM
-containers are accepted too and mapped onto ours (see ``LEGACY_VARIABLES``); a mapped value keeps
-the rank of where it was set, so the environment wins over the file whichever names each uses.
+containers are accepted too and mapped onto ours: the core's in ``LEGACY_VARIABLES``, each
+backend's declared at its registration (``legacy_variables``); a mapped value keeps the rank of
+where it was set, so the environment wins over the file whichever names each uses. The
+``plugins`` section is read first on its own (:func:`load_plugin_settings`), to choose the
+plugins whose backends own the other sections.
 
 Every validation error names the variable (or YAML key) the operator actually wrote, the value,
 and what is allowed. Unknown ``LMCACHE_*`` variables produce a warning naming the closest known one.
@@ -17,10 +20,10 @@ import logging
 import math
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path, PurePath
 from types import UnionType
-from typing import Any, Literal, NamedTuple, Union, get_args, get_origin
+from typing import Any, Literal, NamedTuple, NoReturn, Union, get_args, get_origin
 from urllib.parse import unquote_plus
 
 import yaml
@@ -30,7 +33,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from lmcache_core.backend import BackendSettings
 from lmcache_core.errors import SettingsError
-from lmcache_core.registry import Registry
+from lmcache_core.registry import MEDIA, LegacyVariable, Registry
 
 log = logging.getLogger(__name__)
 
@@ -103,13 +106,66 @@ class Settings(BaseSettings):
         description="vLLM: a lookup answer later than this counts as a miss (recompute), so a slow tier never holds "
         "a request back longer.",
     )
+    # LMCache's names for features this release does not have yet, accepted with LMCache's meaning
+    # (one name, one setting: the variables are LMCACHE_SAVE_DECODE_CACHE, LMCACHE_BLEND_MIN_TOKENS...)
+    # so that a container configured for LMCache starts; switching one on logs that it has no effect yet.
+    save_decode_cache: bool = Field(
+        False, description="Also store the KV of generated tokens (multi-turn chat), as LMCache's variable of the "
+        "same name. Accepted; takes effect in a later release.",
+    )
+    use_layerwise: bool = Field(
+        False, description="Load and save layer by layer, pipelined with the forward pass, as LMCache's variable of "
+        "the same name. Accepted; takes effect in a later release.",
+    )
+    enable_async_loading: bool = Field(
+        False, description="Let requests wait for slow-tier KV without blocking the batch, as LMCache's variable of "
+        "the same name. Accepted; takes effect in a later release.",
+    )
+    enable_blending: bool = Field(
+        False, description="Reuse KV at any position (CacheBlend), as LMCache's variable of the same name. Accepted; "
+        "takes effect in a later release.",
+    )
+    blend_special_str: str = Field(
+        " # # ", min_length=1,
+        description="Blending: separator between reusable segments, matched on token ids. Accepted; takes effect "
+        "with enable_blending in a later release.",
+    )
+    blend_recompute_ratios: list[float] = Field(
+        default_factory=lambda: [0.15],
+        description="Blending: share of tokens recomputed, each between 0 and 1. Accepted; takes effect with "
+        "enable_blending in a later release.",
+    )
+    blend_check_layers: list[int] = Field(
+        default_factory=lambda: [1],
+        description="Blending: layer(s) where token deviation is measured. Accepted; takes effect with "
+        "enable_blending in a later release.",
+    )
+    blend_min_tokens: int = Field(
+        256, gt=0,
+        description="Blending: shortest segment worth reusing, in tokens. Accepted; takes effect with "
+        "enable_blending in a later release.",
+    )
     plugins: PluginSettings = Field(
         default_factory=PluginSettings, description="Which plugins load (allow, deny) and whether a failure is fatal."
     )
 
     _backends: dict[str, BackendSettings] = PrivateAttr(default_factory=dict)
 
-    _split_tiers = field_validator("tiers", mode="before")(split_list)
+    _split_tiers = field_validator("tiers", "blend_recompute_ratios", "blend_check_layers", mode="before")(split_list)
+
+    @field_validator("blend_recompute_ratios")
+    @classmethod
+    def _ratios_are_shares(cls, ratios: list[float]) -> list[float]:
+        if any(not 0 <= ratio <= 1 for ratio in ratios):
+            raise ValueError("expected shares between 0 and 1, e.g. 0.15")
+        return ratios
+
+    @field_validator("blend_check_layers")
+    @classmethod
+    def _layers_are_indices(cls, layers: list[int]) -> list[int]:
+        if any(layer < 0 for layer in layers):
+            raise ValueError("expected layer indices (0 or more), e.g. 1")
+        return layers
 
     @field_validator("model_revision")
     @classmethod
@@ -152,18 +208,30 @@ class Settings(BaseSettings):
         return redact(data)
 
 
+# Settings above that are accepted with LMCache's meaning but do nothing yet.
+NOT_YET_IMPLEMENTED = ("save_decode_cache", "use_layerwise", "enable_async_loading", "enable_blending")
+
+
 # --- legacy LMCache names ----------------------------------------------------------------------
 
+# The LMCache names that are about no particular backend. Names whose LMCache meaning is a core
+# field of the same name (LMCACHE_SAVE_DECODE_CACHE, LMCACHE_BLEND_*, ...) need no mapping: they
+# are fields of Settings. Each backend declares its own LMCache names at registration
+# (``Registry.legacy_variables``), e.g. LMCACHE_LOCAL_CPU or LMCACHE_MAX_LOCAL_DISK_SIZE.
 LEGACY_VARIABLES = {
-    "LMCACHE_LOCAL_CPU": "bool: cpu is a tier",
-    "LMCACHE_MAX_LOCAL_CPU_SIZE": "GB: cpu.max_size",
-    "LMCACHE_LOCAL_DISK": "path or file:// URL: disk.path, adds the disk tier",
-    "LMCACHE_MAX_LOCAL_DISK_SIZE": "GB: disk.max_size (0 turns the disk tier off)",
-    "LMCACHE_REMOTE_URL": "URL: adds the backend serving its scheme (redis://, s3://, ...)",
+    "LMCACHE_REMOTE_URL": "URL: adds the tier whose backend declares its scheme (see each backend above)",
     "LMCACHE_REMOTE_SERDE": "codec of the remote tier (naive = raw)",
     "LMCACHE_SAVE_UNFULL_CHUNK": "bool: save_unfull_chunk",
 }
 _REMOTE_SERDES = {"naive": "raw", "raw": "raw", "fp8": "fp8"}
+
+
+def legacy_variables(registry: Registry) -> dict[str, str]:
+    """Every LMCache name accepted, the core's and the backends', with what it maps onto."""
+    names = dict(LEGACY_VARIABLES)
+    for name, (spec, variable) in registry.legacy_variables().items():
+        names[name] = variable.help or f"{variable.kind}: {spec.name}.{variable.setting or '(tier)'}"
+    return names
 
 
 def _parse_bool(variable: str, value: Any) -> bool:
@@ -245,17 +313,15 @@ class _Raw:
         return PREFIX + "__".join(str(part).upper() for part in loc if not isinstance(part, int))
 
 
-_LEGACY_FILE_KEYS = {name[len(PREFIX) :].lower() for name in LEGACY_VARIABLES}
-
-
 class _Legacy(NamedTuple):
     value: Any
     origin: str  # the variable, or the file and key
     rank: int  # ENV_LEGACY or FILE_LEGACY
 
 
-def _merge_yaml(raw: _Raw, legacy: dict[str, _Legacy], path: Path) -> None:
+def _merge_yaml(raw: _Raw, legacy: dict[str, _Legacy], path: Path, legacy_names: Collection[str] = ()) -> None:
     """Add the file's settings to ``raw``, and its LMCache names (top level) to ``legacy``."""
+    legacy_keys = {name[len(PREFIX) :].lower() for name in legacy_names}
     origin = f"{CONFIG_FILE_VARIABLE}={path}"
     try:
         content = yaml.safe_load(path.read_text()) or {}
@@ -270,7 +336,7 @@ def _merge_yaml(raw: _Raw, legacy: dict[str, _Legacy], path: Path) -> None:
         for key, value in node.items():
             path_ = (*prefix, str(key).lower())
             where = f"{origin} (key {'.'.join(path_)})"
-            if not prefix and path_[0] in _LEGACY_FILE_KEYS:  # LMCache YAML files use these names
+            if not prefix and path_[0] in legacy_keys:  # LMCache YAML files use these names
                 legacy[PREFIX + path_[0].upper()] = _Legacy(value, where, FILE_LEGACY)
             elif isinstance(value, dict):
                 walk(path_, value)
@@ -280,9 +346,19 @@ def _merge_yaml(raw: _Raw, legacy: dict[str, _Legacy], path: Path) -> None:
     walk((), content)
 
 
+def _legacy_parser(variable: LegacyVariable) -> Callable[[str, Any], Any]:
+    if variable.kind == "bool":
+        return _parse_bool
+    if variable.kind == "gb":
+        return _parse_gb
+    return lambda name, value: _parse_text(name, value, f"a non-empty value ({variable.help or variable.setting})")
+
+
 def _apply_legacy(raw: _Raw, legacy: dict[str, _Legacy], registry: Registry) -> list[str]:
     """Map LMCache's names onto ours, each at its rank. Every value is validated, whether or not
     it takes effect (a typo in a variable that does nothing today bites on the next change).
+    What a backend's names mean is declared by its registration (:class:`LegacyVariable`); the
+    tiers they switch on are ordered by medium (host, disk, remote), as in LMCache.
     Returns the problems found."""
     problems: list[str] = []
 
@@ -299,51 +375,63 @@ def _apply_legacy(raw: _Raw, legacy: dict[str, _Legacy], registry: Registry) -> 
     def put(path: tuple[str, ...], value: Any, name: str) -> None:
         raw.set(path, value, legacy[name].origin, legacy[name].rank)
 
-    local_cpu = parsed("LMCACHE_LOCAL_CPU", _parse_bool)
-    cpu_size = parsed("LMCACHE_MAX_LOCAL_CPU_SIZE", _parse_gb)
-    disk_size = parsed("LMCACHE_MAX_LOCAL_DISK_SIZE", _parse_gb)
-    disk_path = parsed("LMCACHE_LOCAL_DISK", lambda v, x: _parse_text(v, x, "a directory path or file:// URL"))
     remote_url = parsed("LMCACHE_REMOTE_URL", lambda v, x: _parse_text(v, x, "a URL like redis://host:6379"))
     serde = parsed("LMCACHE_REMOTE_SERDE", _parse_serde)
     save_unfull = parsed("LMCACHE_SAVE_UNFULL_CHUNK", _parse_bool)
 
-    tiers = [] if local_cpu is False else ["cpu"]
-    if cpu_size is not None:
-        put(("cpu", "max_size"), cpu_size, "LMCACHE_MAX_LOCAL_CPU_SIZE")
-    if disk_size:
-        put(("disk", "max_size"), disk_size, "LMCACHE_MAX_LOCAL_DISK_SIZE")
-    if disk_path is not None:
-        put(("disk", "path"), disk_path, "LMCACHE_LOCAL_DISK")  # DiskSettings accepts file:// URLs
-        if disk_size == 0:
-            log.warning("LMCACHE_MAX_LOCAL_DISK_SIZE is 0: the disk tier stays off, as in LMCache")
-        else:
-            tiers.append("disk")
+    tiers: list[str] = []
+    switches = {"LMCACHE_REMOTE_URL"}  # the names that make LMCache's variables choose the tiers
+    specs = [spec for name, spec in registry.backends.items() if name == spec.name]
+    for spec in sorted(specs, key=lambda spec: MEDIA.index(spec.medium)):
+        wanted, switched_off, zeroed_by = False, False, None
+        for variable in spec.legacy:
+            value = parsed(variable.name, _legacy_parser(variable))
+            if variable.tier in ("switch", "adds"):
+                switches.add(variable.name)
+            if variable.tier == "switch":
+                state = variable.default if value is None else value
+                wanted, switched_off = wanted or bool(state), switched_off or state is False
+            elif variable.tier == "adds" and value is not None:
+                wanted = True
+            if variable.tier == "zero_disables" and value == 0:
+                zeroed_by = variable.name
+            elif value is not None and variable.setting is not None:
+                put((spec.name, variable.setting), value, variable.name)
+        if wanted and not switched_off:
+            if zeroed_by is None:
+                tiers.append(spec.name)
+            else:
+                log.warning("%s is 0: the %s tier stays off, as in LMCache", legacy[zeroed_by].origin, spec.name)
+
     if remote_url is not None:
         where = legacy["LMCACHE_REMOTE_URL"].origin
         scheme = remote_url.partition("://")[0] if "://" in remote_url else ""
-        spec = registry.backend_for_scheme(scheme)
-        if spec is None:
+        tier = registry.tier_for_scheme(scheme)
+        if tier is None:
             schemes = sorted({s for b in registry.backends.values() for s in b.url_schemes})
             problems.append(
                 f"{where}: no backend serves URL scheme {scheme!r}; known schemes: {', '.join(schemes) or 'none'}"
                 " (install an extra such as lmcache-core[redis] or lmcache-core[s3])"
             )
+        elif tier in tiers:
+            problems.append(f"{where}: selects the {tier} tier, which another LMCache variable already sets up")
         else:
-            put((spec.name, "url"), remote_url, "LMCACHE_REMOTE_URL")
-            tiers.append(spec.name)
+            put((tier, registry.backend(tier).url_setting), remote_url, "LMCACHE_REMOTE_URL")
+            tiers.append(tier)
             if serde is not None:
-                put((spec.name, "codec"), serde, "LMCACHE_REMOTE_SERDE")
+                put((tier, "codec"), serde, "LMCACHE_REMOTE_SERDE")
     elif serde is not None:
         log.warning("%s has no effect without LMCACHE_REMOTE_URL", legacy["LMCACHE_REMOTE_SERDE"].origin)
     if save_unfull is not None:
         put(("save_unfull_chunk",), save_unfull, "LMCACHE_SAVE_UNFULL_CHUNK")
 
-    touches_tiers = sorted({"LMCACHE_LOCAL_CPU", "LMCACHE_LOCAL_DISK", "LMCACHE_REMOTE_URL"} & legacy.keys())
+    touches_tiers = sorted(switches & legacy.keys())
     if touches_tiers and not problems:
         rank = max(legacy[name].rank for name in touches_tiers)
         if raw.takes(("tiers",), rank):  # not overridden by LMCACHE_TIERS at a higher rank
             if not tiers:
-                problems.append("LMCACHE_LOCAL_CPU=false leaves no tier: set LMCACHE_LOCAL_DISK or LMCACHE_TIERS")
+                settings_ = ", ".join(f"{name}={legacy[name].value}" for name in touches_tiers)
+                problems.append(f"{settings_} leaves no tier: set LMCACHE_TIERS or an LMCache variable that adds one")
             else:
                 raw.set(("tiers",), tiers, " + ".join(legacy[name].origin for name in touches_tiers), rank)
     return problems
@@ -356,7 +444,7 @@ def _parse_serde(variable: str, value: Any) -> str:
 
 
 def known_variables(registry: Registry) -> set[str]:
-    names = {CONFIG_FILE_VARIABLE, *LEGACY_VARIABLES}
+    names = {CONFIG_FILE_VARIABLE, *legacy_variables(registry)}
     for field_name, info in Settings.model_fields.items():
         annotation = info.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
@@ -465,6 +553,51 @@ def _error_lines(
     return lines
 
 
+def _read_sources(env: Mapping[str, str], accepts: Callable[[str], bool]) -> tuple[_Raw, dict[str, _Legacy]]:
+    """The YAML file's settings and those of the ``LMCACHE_*`` variables that ``accepts``, merged."""
+    raw = _Raw()
+    legacy: dict[str, _Legacy] = {}
+    config_file = env.get(CONFIG_FILE_VARIABLE)
+    if config_file:
+        _merge_yaml(raw, legacy, Path(config_file).expanduser())
+    for name, value in sorted(env.items()):
+        if name.startswith(PREFIX) and name != CONFIG_FILE_VARIABLE and accepts(name):
+            raw.set(tuple(part.lower() for part in name[len(PREFIX) :].split("__")), value, name, ENV)
+    return raw, legacy
+
+
+def _raise_problems(problems: list[str]) -> NoReturn:
+    if len(problems) == 1:  # one line: what the CLI prints and a log shows
+        raise SettingsError(f"invalid lmcache-core settings: {problems[0]}")
+    raise SettingsError("invalid lmcache-core settings:\n  " + "\n  ".join(problems))
+
+
+def load_plugin_settings(environ: Mapping[str, str] | None = None) -> PluginSettings:
+    """The ``plugins`` section alone, from the same sources and by the same rules as
+    :func:`load_settings` (which validates it again, with everything else).
+
+    Plugins must load before the rest can be validated (backends own settings sections), so this
+    part is read first; the loader obeys exactly what validation accepted.
+    """
+    env = dict(os.environ if environ is None else environ)
+    raw, _ = _read_sources(env, lambda name: name.startswith(f"{PREFIX}PLUGINS__"))
+    section = raw.get(("plugins",))
+    problems: list[str] = []
+    if section is not None and not isinstance(section, dict):
+        problems.append(f"{raw.origin_of(('plugins',))}: expected a mapping with allow, deny, strict")
+        section = {}
+    plugin_settings = None
+    try:
+        plugin_settings = PluginSettings.model_validate(
+            _drop_blank(PluginSettings, section or {}, ("plugins",), raw, problems)
+        )
+    except ValidationError as error:
+        problems.extend(_error_lines(error, raw, PluginSettings, ("plugins",)))
+    if problems or plugin_settings is None:
+        _raise_problems(problems)
+    return plugin_settings
+
+
 def load_settings(
     registry: Registry,
     environ: Mapping[str, str] | None = None,
@@ -477,15 +610,16 @@ def load_settings(
     env = dict(os.environ if environ is None else environ)
     raw = _Raw()
     legacy: dict[str, _Legacy] = {}
+    legacy_names = legacy_variables(registry)
     config_file = env.get(CONFIG_FILE_VARIABLE)
     if config_file:
-        _merge_yaml(raw, legacy, Path(config_file).expanduser())
+        _merge_yaml(raw, legacy, Path(config_file).expanduser(), legacy_names)
 
     known = known_variables(registry)
     for name, value in sorted(env.items()):
         if not name.startswith(PREFIX) or name == CONFIG_FILE_VARIABLE:
             continue
-        if name in LEGACY_VARIABLES:
+        if name in legacy_names:
             legacy[name] = _Legacy(value, name, ENV_LEGACY)  # replaces the file's value of the name
             continue
         if name not in known:
@@ -538,9 +672,7 @@ def load_settings(
             backends[name] = model.model_validate(_drop_blank(model, section, (name,), raw, problems))
         except ValidationError as error:
             problems.extend(_error_lines(error, raw, model, (name,)))
-    from lmcache_core.codecs import available_codecs
-
-    codecs = available_codecs()
+    codecs = sorted(registry.codecs)
     if settings is not None and settings.codec not in codecs:
         problems.append(f"{raw.origin_of(('codec',))}: unknown codec {settings.codec!r}; allowed: {', '.join(codecs)}")
     for name, section in backends.items():
@@ -549,9 +681,10 @@ def load_settings(
                 f"{raw.origin_of((name, 'codec'))}: unknown codec {section.codec!r}; allowed: {', '.join(codecs)}"
             )
     if problems or settings is None:
-        if len(problems) == 1:  # one line: what the CLI prints and a log shows
-            raise SettingsError(f"invalid lmcache-core settings: {problems[0]}")
-        raise SettingsError("invalid lmcache-core settings:\n  " + "\n  ".join(problems))
+        _raise_problems(problems)
+    for name in NOT_YET_IMPLEMENTED:
+        if getattr(settings, name):
+            log.warning("%s=true is accepted but has no effect in this release", raw.origin_of((name,)))
     settings._backends = {name: section for name, section in backends.items() if name in tiers}
     return settings
 

@@ -240,7 +240,7 @@ class TierStack:
                     if depth:
                         promoted.append(Chunk(keys[i], tensor, i))
             if promoted:
-                self._write(promoted, upto=depth)
+                self._promote(promoted, upto=depth)
         prefix: list[torch.Tensor] = []
         for item in results:
             if item is None:
@@ -291,8 +291,8 @@ class TierStack:
                 return [Chunk(c.key, tensor, c.index) for c, tensor in zip(chunks, held, strict=True)]
         return [Chunk(c.key, c.kv.to("cpu", copy=True), c.index) for c in chunks]
 
-    def _write(self, chunks: list[Chunk], upto: int) -> None:
-        """Write already host-resident chunks (promotions) into the tiers above ``upto``."""
+    def _promote(self, chunks: list[Chunk], upto: int) -> None:
+        """Copy chunks found in a lower tier (already host-resident) into the tiers above ``upto``."""
         if not chunks or upto == 0:
             return
         first = self._tiers[0]

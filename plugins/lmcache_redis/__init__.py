@@ -17,4 +17,5 @@ def lmcache_register_backends(register) -> None:  # type: ignore[no-untyped-def]
         requires=("redis",),
         url_schemes=("redis", "rediss", "unix"),
         description="Redis / Valkey (standalone, Cluster, Sentinel), pipelined batches, shared by instances",
+        medium="remote",
     )

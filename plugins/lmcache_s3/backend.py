@@ -42,17 +42,19 @@ from lmcache_s3.settings import S3Settings
 
 log = logging.getLogger(__name__)
 
-# What to install when fsspec has no implementation for a scheme.
-INSTALL_HINTS = {
-    "s3": "lmcache-core[s3]",
-    "s3a": "lmcache-core[s3]",
-    "gs": "gcsfs",
-    "gcs": "gcsfs",
-    "az": "adlfs",
-    "abfs": "adlfs",
-}
 _WITHOUT_BUCKETS = {"memory", "file", "local"}
 _S3_TRANSIENT_ATTEMPTS = 2  # s3fs's own retry loop (default 5, with sleeps up to 15 s)
+
+
+def _implementation_hint(scheme: str) -> str:
+    """What to install for ``scheme``, from fsspec's own registry (whose error text the caller
+    shows too): the package of the implementing class, e.g. gcsfs for gs://."""
+    from fsspec.registry import known_implementations
+
+    target = known_implementations.get(scheme, {}).get("class", "")
+    package = target.partition(".")[0]
+    hint = f"pip install '{package}'" if package else "the fsspec implementation of this protocol"
+    return f"{hint}; s3:// also comes with lmcache-core[s3]" if package == "s3fs" else hint
 
 
 class ObjectStoreBackend(SerializingBackend):
@@ -93,11 +95,9 @@ class ObjectStoreBackend(SerializingBackend):
         options.update(self.settings.storage_options)
         try:
             fs, root = fsspec.url_to_fs(self.settings.url, **options)
-        except ImportError as error:
-            package = INSTALL_HINTS.get(self.scheme)
-            hint = f"pip install '{package}'" if package else "install the fsspec implementation for it"
-            raise ImportError(f"tier {self.name}: {self.scheme}:// URLs need an extra package: {hint} ({error})") \
-                from error
+        except ImportError as error:  # fsspec knows the scheme, its implementation is not installed
+            raise ImportError(f"tier {self.name}: {self.scheme}:// URLs need {_implementation_hint(self.scheme)} "
+                              f"({error})") from error
         try:
             from s3fs import S3FileSystem
 

@@ -4,7 +4,7 @@
 kill one (SIGKILL), pause it (SIGSTOP: the kernel still accepts connections, nothing answers, which
 is what a hung server looks like) and start it again on the same port. When a service cannot be
 started the tests that need it are skipped, except under ``CI=true``, where they fail: CI installs
-the services (``scripts/start-services.sh``), so a missing one is a broken CI, not a reason to skip.
+the services (``scripts/install-services.sh``), so a missing one is a broken CI, not a reason to skip.
 """
 
 from __future__ import annotations

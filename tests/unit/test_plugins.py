@@ -15,21 +15,24 @@ from importlib.metadata import EntryPoint
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 from pydantic import Field
 
 from lmcache_core import hookspecs, plugins
 from lmcache_core.backend import BackendSettings, Chunk, StorageBackend
+from lmcache_core.codecs import BUILTIN_CODECS
 from lmcache_core.engine import CacheEngine
-from lmcache_core.errors import MissingExtraError, PluginError, SettingsError
+from lmcache_core.errors import MissingExtraError, PluginError, SettingsError, UnsupportedEntryError
 from lmcache_core.hookspecs import PLUGIN_API_VERSION, hookimpl
-from lmcache_core.keys import CacheScope, ChunkKey, KVLayout
+from lmcache_core.keys import CacheScope, ChunkHasher, ChunkKey, KVLayout
 from lmcache_core.plugins import load_registry
 from lmcache_core.registry import Registry
+from lmcache_core.serde import decode_chunk, encode_to_bytes
 from lmcache_core.settings import load_settings
 
 REPO = Path(__file__).resolve().parents[2]
-BUILTINS = "codecs,cpu,disk"  # an allow list that leaves out plugins other sessions may be writing
+BUILTINS = "cpu,disk"  # an allow list that leaves out plugins other sessions may be writing
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=4, dtype="float32")
 
 
@@ -115,14 +118,14 @@ def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 def test_builtins_load_through_our_own_entry_points() -> None:
     registry = load_registry({})
-    for name in ("codecs", "cpu", "disk"):
+    for name in ("builtin_codecs", "cpu", "disk"):
         assert registry.plugins[name] == "loaded"
     assert registry.backends["cpu"].plugin == "cpu" and registry.backends["cpu"].status == "available"
     assert registry.backends["disk"].plugin == "disk" and registry.backends["disk"].status == "available"
     assert registry.backends["disk"].url_schemes == ("file",)
     assert {"raw", "fp8"} <= set(registry.codecs)
     declared = {ep.name for ep in plugins.entry_points(group=hookspecs.ENTRY_POINT_GROUP)}
-    assert {"codecs", "cpu", "disk"} <= declared
+    assert {"cpu", "disk"} <= declared and declared & {"builtin_codecs", "codecs"}  # `codecs` before the rename
     assert set(registry.plugins) >= declared  # every declared plugin has a status
 
 
@@ -293,6 +296,79 @@ def test_a_codec_name_that_does_not_fit_the_header_is_refused() -> None:
     assert "much-too-long" not in registry.codecs
 
 
+class HalfCodecPlugin:
+    """Stores float32 KV as float16 (a codec a third party might add)."""
+
+    class Codec:
+        name = "half"
+
+        def encode(self, tensor: torch.Tensor) -> list[memoryview]:
+            return [memoryview(tensor.half().numpy()).cast("B")]
+
+        def decode(self, payload: memoryview, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+            return torch.frombuffer(bytearray(payload), dtype=torch.float16).view(shape).to(dtype)
+
+    @hookimpl
+    def lmcache_register_codecs(self, register) -> None:  # type: ignore[no-untyped-def]
+        register(self.Codec())
+
+
+KEY = ChunkHasher(CacheScope("plugins", "m", "0" * 16, LAYOUT), chunk_size=2).keys([1, 2])[0]
+
+
+class SecondRawCodecPlugin:
+    @hookimpl
+    def lmcache_register_codecs(self, register) -> None:  # type: ignore[no-untyped-def]
+        register(type("ImpostorRaw", (HalfCodecPlugin.Codec,), {"name": "raw"})())
+
+
+def test_a_duplicate_codec_name_is_refused_and_attributed() -> None:
+    registry = registry_with(("second-raw", SecondRawCodecPlugin()))
+    assert "registers codec 'raw', already registered by 'builtin_codecs'" in registry.plugins["second-raw"]
+    assert registry.codecs["raw"] is BUILTIN_CODECS["raw"]  # the built-in one stays
+    with pytest.raises(PluginError, match="'second-raw' registers codec 'raw', already registered by 'builtin_codecs'"):
+        registry_with(("second-raw", SecondRawCodecPlugin()), env={"LMCACHE_PLUGINS__STRICT": "1"})
+
+
+def test_codecs_belong_to_a_registry_not_to_the_process() -> None:
+    """A codec one registry's plugin adds is unknown to another registry and to the serde default."""
+    mine = registry_with(("half", HalfCodecPlugin()))
+    assert mine.codecs["half"].name == "half"
+    assert "half" not in load_registry({"LMCACHE_PLUGINS__ALLOW": BUILTINS}).codecs
+    assert "half" not in BUILTIN_CODECS
+    data = encode_to_bytes(KEY, torch.ones(1, 2, 2, 1, 1), codec="half", codecs=mine.codecs)
+    assert torch.equal(decode_chunk(data, KEY, codecs=mine.codecs).tensor, torch.ones(1, 2, 2, 1, 1))
+    with pytest.raises(UnsupportedEntryError, match="'half' is not installed"):
+        decode_chunk(data, KEY)
+
+
+@pytest.mark.parametrize("environ", [{"LMCACHE_PLUGINS__DENY": "builtin_codecs,codecs"},
+                                     {"LMCACHE_PLUGINS__ALLOW": "cpu"}])
+def test_the_builtin_codecs_cannot_be_turned_off(environ: dict[str, str]) -> None:
+    registry = load_registry(environ)
+    assert registry.plugins["builtin_codecs"] == "loaded"
+    assert {"raw", "fp8"} <= registry.codecs.keys()
+
+
+def test_pyproject_declares_the_builtin_codecs_under_their_new_name() -> None:
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["entry-points"]["lmcache_core"]
+    assert declared["builtin_codecs"] == "lmcache_codecs" and "codecs" not in declared
+
+
+def test_an_install_that_still_declares_the_retired_codecs_entry_point_works(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Metadata written before the rename says ``codecs = lmcache_core.codecs`` and nothing about
+    ``builtin_codecs``: the built-ins still load, by module name."""
+    old = [EntryPoint("codecs", "lmcache_core.codecs", hookspecs.ENTRY_POINT_GROUP),
+           EntryPoint("cpu", "lmcache_cpu", hookspecs.ENTRY_POINT_GROUP)]
+    monkeypatch.setattr(plugins, "entry_points", lambda group: old)
+    registry = load_registry({})
+    assert registry.plugins == {"codecs": "retired: builtin_codecs does its job", "cpu": "loaded",
+                                "builtin_codecs": "loaded"}
+    assert {"raw", "fp8"} <= registry.codecs.keys()
+
+
 # --- allow / deny -------------------------------------------------------------------------------
 
 
@@ -393,3 +469,35 @@ def test_importing_core_plugins_and_the_registry_imports_no_heavy_client() -> No
     assert report["heavy"] == []
     assert report["backend_modules"] == []  # listing backends and their status imports none of them
     assert report["statuses"]["cpu"] == report["statuses"]["disk"] == "available"
+
+
+# --- plugin settings come from the validated settings ------------------------------------------
+
+
+def test_the_yaml_plugins_section_takes_effect(tmp_path: Path) -> None:
+    config = tmp_path / "lmcache.yaml"
+    config.write_text("plugins:\n  deny: [disk]\n")
+    registry = load_registry({"LMCACHE_CONFIG_FILE": str(config)})
+    assert registry.plugins["disk"] == "disabled by LMCACHE_PLUGINS__ALLOW/DENY"
+    assert "disk" not in registry.backends and "cpu" in registry.backends
+
+
+def test_the_environment_wins_over_the_yaml_plugins_section(tmp_path: Path) -> None:
+    config = tmp_path / "lmcache.yaml"
+    config.write_text("plugins:\n  deny: [disk]\n")
+    registry = load_registry({"LMCACHE_CONFIG_FILE": str(config), "LMCACHE_PLUGINS__DENY": ""})
+    assert registry.plugins["disk"] == "loaded"
+
+
+@pytest.mark.parametrize(("variable", "value"), [("LMCACHE_PLUGINS__STRICT", "maybe"),
+                                                 ("LMCACHE_PLUGINS__STRICT", "")])
+def test_an_invalid_plugin_setting_names_the_variable(variable: str, value: str) -> None:
+    with pytest.raises(SettingsError, match=f"{variable}: .*expected true or false"):
+        load_registry({variable: value})
+
+
+def test_an_invalid_plugin_setting_in_the_yaml_names_the_file_and_key(tmp_path: Path) -> None:
+    config = tmp_path / "lmcache.yaml"
+    config.write_text("plugins:\n  strict: maybe\n")
+    with pytest.raises(SettingsError, match=r"lmcache.yaml \(key plugins.strict\).*expected true or false"):
+        load_registry({"LMCACHE_CONFIG_FILE": str(config)})
