@@ -266,10 +266,10 @@ class DiskBackend(SerializingBackend):
 
     def _write_file(self, name: str, parts: list[memoryview], size: int) -> bool:
         """Write one file fully and rename it into place, or leave no trace (and raise)."""
-        if not self._reserve(size):
+        temporary = self.root / _temporary_name(name, size)
+        if not self._reserve(size, temporary):
             self.count("dropped_no_room")
             return False
-        temporary = self.root / _temporary_name(name, size)
         committed = False
         try:
             try:
@@ -278,7 +278,7 @@ class DiskBackend(SerializingBackend):
                 if error.errno not in _DISK_FULL:
                     raise
                 self.count("disk_full")
-                temporary.unlink(missing_ok=True)
+                os.truncate(temporary, 0)  # keeps its name, and so its reservation, for a recount
                 if not self._evict(size):
                     raise
                 self._write_temporary(temporary, parts, size)
@@ -287,8 +287,8 @@ class DiskBackend(SerializingBackend):
         finally:
             if not committed:
                 self.count("write_errors")
-                temporary.unlink(missing_ok=True)
-                with self._usage().locked() as usage:
+                with self._usage().locked() as usage:  # one step for a recount: file and bytes go together
+                    temporary.unlink(missing_ok=True)
                     usage.add(-size)
         return True
 
@@ -327,9 +327,12 @@ class DiskBackend(SerializingBackend):
         assert self.usage is not None, "only writes use the usage counter, and they check it is there"
         return self.usage
 
-    def _reserve(self, size: int) -> bool:
-        """Count ``size`` bytes in the directory's budget, evicting to make room; False when even
-        an empty directory (as far as this process may evict) has no room."""
+    def _reserve(self, size: int, temporary: Path) -> bool:
+        """Count ``size`` bytes in the directory's budget, evicting to make room, and create the
+        (empty) temporary file that names the reservation, in one step under the lock: another
+        process recounting the directory in between would otherwise drop the reservation and
+        overfill the budget. False when even an empty directory (as far as this process may
+        evict) has no room."""
         with self._usage().locked() as usage:
             recounted = False
             while usage.bytes + size > self.settings.max_size:
@@ -339,6 +342,7 @@ class DiskBackend(SerializingBackend):
                     self._rescan()
                     self._recount()
                     recounted = True
+            os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
             usage.add(size)
         return True
 
