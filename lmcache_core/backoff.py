@@ -32,7 +32,7 @@ class Backoff:
     def failed(self) -> float:
         """Count a failure and start the pause; returns its length in seconds."""
         self.failures += 1
-        seconds = min(self.start_s * 2 ** min(self.failures - 1, 64), self.max_s)
+        seconds = min(self.start_s * 2.0 ** min(self.failures - 1, 64), self.max_s)
         self.skip_until = self._now() + seconds
         return seconds
 
