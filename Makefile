@@ -16,6 +16,7 @@ demo: setup
 test: setup
 	bash scripts/install-services.sh
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q
 
 unit: setup
@@ -23,6 +24,7 @@ unit: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy  # lmcache_core and plugins/, strict on lmcache_core.plugin_api ([tool.mypy])
 
 bench: setup
 	$(PY) benchmarks/bench_storage.py

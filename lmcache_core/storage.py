@@ -26,6 +26,7 @@ from typing import TypeVar
 import torch
 
 from lmcache_core.backend import Chunk, SerializingBackend, StorageBackend
+from lmcache_core.backoff import Backoff
 from lmcache_core.keys import ChunkKey
 
 log = logging.getLogger(__name__)
@@ -35,24 +36,6 @@ _BACKOFF_START_S = 1.0
 _BACKOFF_MAX_S = 30.0
 DEFAULT_WRITE_QUEUE_MAX_BYTES = 1024**3
 _WRITE_OPERATIONS = frozenset({"put", "delete"})
-
-
-class _Backoff:
-    """Consecutive failures of one kind of call and until when to skip that kind."""
-
-    def __init__(self) -> None:
-        self.failures = 0
-        self.skip_until = 0.0
-
-    @property
-    def active(self) -> bool:
-        return time.monotonic() < self.skip_until
-
-    def failed(self) -> float:
-        self.failures += 1
-        seconds = min(_BACKOFF_START_S * 2 ** (self.failures - 1), _BACKOFF_MAX_S)
-        self.skip_until = time.monotonic() + seconds
-        return seconds
 
 
 class _WriteBudget:
@@ -103,8 +86,9 @@ class _Tier:
         self.name = backend.name
         self.errors = 0
         self.dropped_writes = 0
-        self._reads = _Backoff()
-        self._writes = _Backoff()
+        # one pause for each kind of call: a failed write must not stop reads
+        self._reads = Backoff(_BACKOFF_START_S, _BACKOFF_MAX_S)
+        self._writes = Backoff(_BACKOFF_START_S, _BACKOFF_MAX_S)
         self.queue: queue.Queue[_QueuedWrite | None] | None = None
         self.worker: threading.Thread | None = None
         if queue_size is not None:
@@ -136,9 +120,8 @@ class _Tier:
                 type(error).__name__, error, "writes" if is_write else "calls", seconds,
             )
             return default
-        if backoff.failures:
+        if backoff.succeeded():
             log.info("tier %s is answering again", self.name)
-            backoff.failures = 0
         return result
 
     def enqueue(self, write: _QueuedWrite) -> None:

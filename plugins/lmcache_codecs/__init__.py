@@ -6,8 +6,7 @@ registers them. It is declared as the ``builtin_codecs`` entry point and always 
 names its codec.
 """
 
-from lmcache_core.codecs import BUILTIN_CODECS
-from lmcache_core.hookspecs import hookimpl
+from lmcache_core.plugin_api import BUILTIN_CODECS, hookimpl
 
 
 @hookimpl

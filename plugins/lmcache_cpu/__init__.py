@@ -1,7 +1,6 @@
 """The ``cpu`` backend: KV chunks in process memory. Registered like any third-party plugin."""
 
-from lmcache_core.hookspecs import hookimpl
-from lmcache_core.registry import LegacyVariable
+from lmcache_core.plugin_api import LegacyVariable, hookimpl
 
 
 @hookimpl

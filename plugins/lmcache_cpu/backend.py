@@ -1,8 +1,8 @@
 """KV chunks kept as tensors in a byte-bounded (pinned when CUDA is present) memory pool.
 
-Eviction is LRU by bytes and prefix-aware: within a batch the chunks are touched from last to
-first, so a prompt's first chunk is always more recent than its tail and the tail goes first. A
-cache that evicted the start of a prefix would keep chunks nobody can reach.
+Eviction is LRU by bytes and prefix-aware (:class:`~lmcache_core.plugin_api.ByteLRU`): within a
+batch the chunks are touched and written from last to first, so a prompt's first chunk is always
+more recent than its tail and the tail goes first.
 
 Reads hand out views (:func:`~lmcache_core.memory.lend`). An entry whose memory is still held by a
 reader or by a lower tier's write queue is never evicted: it would free no memory, only empty the
@@ -11,15 +11,20 @@ tier. When nothing evictable is left the new chunk is dropped and counted (``dro
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 
 import torch
 
-from lmcache_core.backend import BackendContext, Chunk, StorageBackend
-from lmcache_core.keys import ChunkKey
-from lmcache_core.memory import MemoryPool, in_use_elsewhere, lend
+from lmcache_core.plugin_api import (
+    BackendContext,
+    ByteLRU,
+    Chunk,
+    ChunkKey,
+    MemoryPool,
+    StorageBackend,
+    in_use_elsewhere,
+    lend,
+)
 from lmcache_cpu.settings import CpuSettings
 
 
@@ -29,19 +34,13 @@ class CpuBackend(StorageBackend):
     def __init__(self, settings: CpuSettings, context: BackendContext) -> None:
         super().__init__(settings, context)
         self.pool = MemoryPool(settings.max_size)
-        self._entries: OrderedDict[ChunkKey, torch.Tensor] = OrderedDict()
-        self._lock = threading.Lock()
+        self._entries: ByteLRU[ChunkKey, torch.Tensor] = ByteLRU()
 
     def contains(self, keys: Sequence[ChunkKey]) -> int:
-        with self._lock:
-            return next((i for i, key in enumerate(keys) if key not in self._entries), len(keys))
+        return self._entries.prefix_length(keys)
 
     def get_many(self, keys: Sequence[ChunkKey]) -> list[torch.Tensor | None]:
-        with self._lock:
-            found = [self._entries.get(key) for key in keys]
-            for key, tensor in zip(reversed(keys), reversed(found), strict=True):
-                if tensor is not None:
-                    self._entries.move_to_end(key)
+        found = self._entries.get_many(keys)
         self.count("read_bytes", sum(t.nbytes for t in found if t is not None))
         return [None if tensor is None else lend(tensor) for tensor in found]
 
@@ -52,10 +51,8 @@ class CpuBackend(StorageBackend):
     def _put(self, chunk: Chunk) -> None:
         """One chunk; a method of its own so no local reference to a buffer outlives it (a
         reference the eviction check cannot see would make evicting that buffer free nothing)."""
-        with self._lock:
-            if chunk.key in self._entries:
-                self._entries.move_to_end(chunk.key)
-                return
+        if self._entries.touch([chunk.key]):
+            return
         if chunk.kv.nbytes > self.pool.capacity:
             self.count("dropped_too_large")  # can never fit: evict nothing for it
             return
@@ -64,8 +61,7 @@ class CpuBackend(StorageBackend):
             self.count("dropped_no_room")
             return
         buffer.copy_(chunk.kv)
-        with self._lock:
-            self._entries[chunk.key] = buffer
+        self._entries.add(chunk.key, buffer, buffer.nbytes)
         self.count("written_bytes", buffer.nbytes)
 
     def _allocate(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
@@ -74,26 +70,19 @@ class CpuBackend(StorageBackend):
             buffer = self.pool.allocate(shape, dtype)
             if buffer is not None:
                 return buffer
-            with self._lock:
-                victim = next((key for key, held in self._entries.items() if not in_use_elsewhere(held)), None)
-                if victim is None:
-                    return None
-                del self._entries[victim]
+            if self._entries.pop_victim(evictable=lambda held: not in_use_elsewhere(held)) is None:
+                return None
             self.count("evicted")
 
     def delete(self, keys: Sequence[ChunkKey]) -> int:
-        with self._lock:
-            return sum(self._entries.pop(key, None) is not None for key in keys)
+        return sum(self._entries.remove(key) for key in keys)
 
     def iter_keys(self) -> Iterator[str]:
-        with self._lock:
-            names = [str(key) for key in self._entries]
-        return iter(names)
+        return iter([str(key) for key in self._entries])
 
     def stats(self) -> dict[str, float]:
         return {**self.counters, "entries": len(self._entries), "used_bytes": self.pool.used,
                 "capacity_bytes": self.pool.capacity}
 
     def close(self) -> None:
-        with self._lock:
-            self._entries.clear()
+        self._entries.clear()

@@ -1,6 +1,6 @@
 from pydantic import ByteSize, Field
 
-from lmcache_core.backend import BackendSettings
+from lmcache_core.plugin_api import BackendSettings
 
 
 class CpuSettings(BackendSettings):

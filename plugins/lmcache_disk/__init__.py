@@ -1,7 +1,6 @@
 """The ``disk`` backend: one framed file per chunk in a local directory."""
 
-from lmcache_core.hookspecs import hookimpl
-from lmcache_core.registry import LegacyVariable
+from lmcache_core.plugin_api import LegacyVariable, hookimpl
 
 
 @hookimpl

@@ -18,7 +18,7 @@ host (and any older than an hour, which no live write is).
 
 On start the index is rebuilt from the files' headers (skipping and counting anything that is
 damaged), so a restarted process finds its cache; files other processes add are picked up on
-first access. Eviction is LRU by bytes and prefix-aware like the cpu tier, by each process's own
+first access. Eviction is LRU by bytes and prefix-aware like the cpu tier (``ByteLRU``), by each process's own
 view of recency (so across processes it is approximately LRU); after a restart the order follows
 file times.
 """
@@ -33,15 +33,21 @@ import socket
 import struct
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from hashlib import blake2b
 from pathlib import Path
 
-from lmcache_core.backend import BackendContext, Blob, SerializingBackend
-from lmcache_core.errors import CorruptEntryError, UnsupportedEntryError
-from lmcache_core.serde import HEADER_SIZE, read_header
+from lmcache_core.plugin_api import (
+    HEADER_SIZE,
+    BackendContext,
+    Blob,
+    ByteLRU,
+    CorruptEntryError,
+    SerializingBackend,
+    UnsupportedEntryError,
+    read_header,
+)
 from lmcache_disk.settings import DiskSettings
 
 log = logging.getLogger(__name__)
@@ -126,8 +132,7 @@ class DiskBackend(SerializingBackend):
         super().__init__(settings, context)
         self.root = Path(settings.path).expanduser()
         self.root.mkdir(parents=True, exist_ok=True)
-        self._index: OrderedDict[str, int] = OrderedDict()  # name -> size, least recently used first
-        self._lock = threading.Lock()
+        self._index: ByteLRU[str, None] = ByteLRU()  # names and sizes; the data is in the files
         self.usage: DirectoryUsage | None = None
         try:
             self.usage = DirectoryUsage(self.root)
@@ -170,7 +175,7 @@ class DiskBackend(SerializingBackend):
             # oldest first; within one time, later chunks of a prompt go first
             found.append((stat.st_mtime, -chunk_index, entry.name[: -len(SUFFIX)], stat.st_size))
         for _, _, name, size in sorted(found):
-            self._index[name] = size
+            self._index.add(name, None, size)
         if self.usage is not None:
             with self.usage.locked():
                 self._recount()
@@ -205,8 +210,7 @@ class DiskBackend(SerializingBackend):
     # --- reads ------------------------------------------------------------------------------------
 
     def _forget(self, name: str) -> None:
-        with self._lock:
-            self._index.pop(name, None)
+        self._index.remove(name)
 
     def _exists_blobs(self, names: Sequence[str]) -> list[bool]:
         """Asks the directory, not the index: another process may have added or evicted a file."""
@@ -218,10 +222,7 @@ class DiskBackend(SerializingBackend):
                 self._forget(name)
                 results.append(False)
                 continue
-            with self._lock:
-                if name not in self._index:
-                    self._index[name] = size
-                    self._index.move_to_end(name, last=False)  # adopted: first to go until it is read
+            self._index.adopt(name, None, size)  # another process's file: first to go until it is read
             results.append(True)
         return results
 
@@ -243,9 +244,7 @@ class DiskBackend(SerializingBackend):
                 blobs.append(None)
                 continue
             blobs.append(buffer if read == size else None)
-            with self._lock:
-                self._index[name] = size
-                self._index.move_to_end(name)
+            self._index.add(name, None, size)  # in reverse order: the batch's first chunk ends most recent
         blobs.reverse()
         return blobs
 
@@ -319,9 +318,7 @@ class DiskBackend(SerializingBackend):
             os.replace(temporary, final)
             if replaced:
                 usage.add(-replaced)
-        with self._lock:
-            self._index[name] = size
-            self._index.move_to_end(name)
+        self._index.add(name, None, size)
 
     def _usage(self) -> DirectoryUsage:
         assert self.usage is not None, "only writes use the usage counter, and they check it is there"
@@ -363,10 +360,10 @@ class DiskBackend(SerializingBackend):
     def _evict_one(self, usage: DirectoryUsage) -> int | None:
         """Remove the least recently used file (under the lock); its size (0 if another process
         removed it first), or None when the index is empty."""
-        with self._lock:
-            if not self._index:
-                return None
-            victim, _ = self._index.popitem(last=False)
+        popped = self._index.pop_victim()
+        if popped is None:
+            return None
+        victim, _ = popped
         path = self._path(victim)
         try:
             size = path.stat().st_size
@@ -387,11 +384,8 @@ class DiskBackend(SerializingBackend):
                 except OSError:
                     continue
                 found.append((stat.st_mtime, entry.name[: -len(SUFFIX)], stat.st_size))
-        with self._lock:
-            for _, name, size in sorted(found, reverse=True):
-                if name not in self._index:
-                    self._index[name] = size
-                    self._index.move_to_end(name, last=False)
+        for _, name, size in sorted(found, reverse=True):  # newest adopted first: the oldest ends first to go
+            self._index.adopt(name, None, size)
 
     def _delete_blobs(self, names: Sequence[str]) -> int:
         removed = 0
@@ -412,14 +406,10 @@ class DiskBackend(SerializingBackend):
         return removed
 
     def iter_keys(self) -> Iterator[str]:
-        with self._lock:
-            names = list(self._index)
-        return iter(names)
+        return iter(self._index.keys())
 
     def stats(self) -> dict[str, float]:
-        with self._lock:
-            entries = len(self._index)
-            indexed = sum(self._index.values())
+        entries, indexed = len(self._index), self._index.nbytes
         used = self.usage.bytes if self.usage is not None else indexed
         return {**self.counters, "entries": entries, "used_bytes": used, "capacity_bytes": int(self.settings.max_size)}
 

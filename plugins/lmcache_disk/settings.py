@@ -2,7 +2,7 @@ from pathlib import Path
 
 from pydantic import ByteSize, Field, field_validator
 
-from lmcache_core.backend import BackendSettings
+from lmcache_core.plugin_api import BackendSettings
 
 
 class DiskSettings(BackendSettings):

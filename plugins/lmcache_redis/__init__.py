@@ -4,7 +4,7 @@ Importing this module imports no redis client: the backend class is named by a s
 imported when a tier uses it, so listing backends works without the ``redis`` extra installed.
 """
 
-from lmcache_core.hookspecs import hookimpl
+from lmcache_core.plugin_api import hookimpl
 
 
 @hookimpl

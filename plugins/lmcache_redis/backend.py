@@ -40,9 +40,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from lmcache_core.backend import BackendContext, Blob, SerializingBackend
-from lmcache_core.keys import ChunkKey
-from lmcache_core.settings import redact_url
+from lmcache_core.plugin_api import BackendContext, Blob, SerializingBackend, redact_url, select_keys
 from lmcache_redis.settings import RedisSettings
 
 log = logging.getLogger(__name__)
@@ -382,10 +380,7 @@ class RedisBackend(SerializingBackend):
             pool.release(connection)
 
     def iter_keys(self) -> Iterator[str]:
-        for raw in self._client().scan_iter(match="v[0-9]*:*:*@*:*:r*of*:*", count=1000):  # ChunkKey.parse decides
-            name = raw.decode() if isinstance(raw, bytes | bytearray) else str(raw)
-            try:
-                ChunkKey.parse(name)
-            except ValueError:
-                continue  # someone else's key in a shared keyspace
-            yield name
+        raws = self._client().scan_iter(match="v[0-9]*:*:*@*:*:r*of*:*", count=1000)  # select_keys decides
+        names = (raw.decode() if isinstance(raw, bytes | bytearray) else str(raw) for raw in raws)
+        for key in select_keys(names, None):  # skips someone else's keys in a shared keyspace
+            yield str(key)

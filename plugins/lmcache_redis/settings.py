@@ -3,8 +3,7 @@ from urllib.parse import urlsplit
 
 from pydantic import ByteSize, Field, SecretStr, field_validator
 
-from lmcache_core.backend import BackendSettings
-from lmcache_core.settings import split_list
+from lmcache_core.plugin_api import BackendSettings, split_list
 
 SCHEMES = ("redis", "rediss", "unix")
 

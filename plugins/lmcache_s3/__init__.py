@@ -8,7 +8,7 @@ Importing this module imports neither fsspec nor s3fs: the backend class is name
 imported when a tier uses it.
 """
 
-from lmcache_core.hookspecs import hookimpl
+from lmcache_core.plugin_api import hookimpl
 
 
 @hookimpl

@@ -35,9 +35,7 @@ from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-from lmcache_core.backend import BackendContext, Blob, SerializingBackend
-from lmcache_core.keys import ChunkKey
-from lmcache_core.settings import redact_url
+from lmcache_core.plugin_api import BackendContext, Blob, SerializingBackend, redact_url, select_keys
 from lmcache_s3.settings import S3Settings
 
 log = logging.getLogger(__name__)
@@ -286,13 +284,9 @@ class ObjectStoreBackend(SerializingBackend):
     def iter_keys(self) -> Iterator[str]:
         fs = self._filesystem()
         start = len(self._root) + 1
-        for path in fs.find(self._root):
-            name = fs._strip_protocol(path)[start:].replace("/", ":")
-            try:
-                ChunkKey.parse(name)
-            except ValueError:
-                continue  # not one of ours
-            yield name
+        names = (fs._strip_protocol(path)[start:].replace("/", ":") for path in fs.find(self._root))
+        for key in select_keys(names, None):  # skips objects that are not ours
+            yield str(key)
 
     # --- health ---------------------------------------------------------------------------------
 

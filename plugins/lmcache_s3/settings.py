@@ -3,7 +3,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from lmcache_core.backend import BackendSettings
+from lmcache_core.plugin_api import BackendSettings
 
 
 class S3Settings(BackendSettings):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -46,3 +47,14 @@ def test_site_builds_strictly(tmp_path: Path) -> None:
         cwd=ROOT, capture_output=True, text=True, check=False,
     )
     assert result.returncode == 0, result.stderr
+
+
+INCLUDE = re.compile(r"<!-- include: (?P<path>\S+) -->\n```[a-z]*\n(?P<body>.*?)^```\n", re.DOTALL | re.MULTILINE)
+
+
+def test_the_plugin_tutorial_shows_the_example_package_as_it_is() -> None:
+    page = (ROOT / "docs" / "plugins.md").read_text()
+    included = {match["path"]: match["body"] for match in INCLUDE.finditer(page)}
+    assert len(included) >= 4 and page.count("<!-- include:") == len(included), "a malformed include marker"
+    stale = [path for path, body in included.items() if body != (ROOT / path).read_text()]
+    assert not stale, f"docs/plugins.md differs from these files: copy them in again: {stale}"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmcache_core import storage
+from lmcache_core import backoff, storage
 from lmcache_core.backend import BackendContext, Chunk
 from lmcache_core.keys import ChunkKey
 from lmcache_core.memory import MemoryPool
@@ -161,7 +161,9 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     fake = FakeClock()
     import time
 
-    monkeypatch.setattr(storage, "time", types.SimpleNamespace(monotonic=fake.monotonic, sleep=time.sleep))
+    fake_time = types.SimpleNamespace(monotonic=fake.monotonic, sleep=time.sleep)
+    monkeypatch.setattr(storage, "time", fake_time)
+    monkeypatch.setattr(backoff, "time", fake_time)  # the tiers' retry pauses
     return fake
 
 

@@ -6,7 +6,7 @@ nothing else. A backend that needs a client library lists it in ``requires`` and
 that installs it in ``extra``; ``lmcache-core info`` then reports what to install.
 """
 
-from lmcache_core import hookimpl
+from lmcache_core.plugin_api import hookimpl
 
 
 @hookimpl

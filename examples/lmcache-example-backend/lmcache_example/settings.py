@@ -1,6 +1,6 @@
 from pydantic import Field
 
-from lmcache_core import BackendSettings
+from lmcache_core.plugin_api import BackendSettings
 
 
 class ExampleSettings(BackendSettings):

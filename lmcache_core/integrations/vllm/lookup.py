@@ -52,6 +52,8 @@ from typing import Any
 
 import numpy as np
 
+from lmcache_core.backoff import Backoff
+
 log = logging.getLogger(__name__)
 
 _REPLY = struct.Struct("<II")
@@ -260,7 +262,7 @@ class LookupClient:
         self._unfinished = 0  # lookups queued or in progress on the background thread
         self._unfinished_lock = threading.Lock()
         self._connections: dict[str, Connection] = {}  # the background thread only
-        self._retry_at: dict[str, float] = {}
+        self._backoffs: dict[str, Backoff] = {}  # the background thread only
         self._thread = threading.Thread(target=self._run, name="lmcache-lookup-client", daemon=True)
         self._thread.start()
 
@@ -354,7 +356,8 @@ class LookupClient:
         connection = self._connections.get(path)
         if connection is not None:
             return connection
-        if time.monotonic() < self._retry_at.get(path, 0.0):
+        backoff = self._backoffs.get(path)
+        if backoff is not None and backoff.active:
             return None
         try:
             connection = Client(path, family="AF_UNIX")
@@ -380,7 +383,7 @@ class LookupClient:
         connection = self._connections.pop(path, None)
         if connection is not None:
             connection.close()
-        self._retry_at[path] = time.monotonic() + _BACKOFF_S
+        self._backoffs.setdefault(path, Backoff(_BACKOFF_S, _BACKOFF_S)).failed()
         if reason is None:
             return
         self.counters["failed"] += 1
