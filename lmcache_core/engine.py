@@ -188,8 +188,8 @@ class CacheEngine:
         if prefix:
             found, by_tier = self.stack.contains_by_tier(keys)
             return Lookup(found, by_tier)
-        present = self.stack.presence(keys)
-        return Lookup(sum(present), {}, present)
+        present, by_tier = self.stack.presence(keys)
+        return Lookup(sum(present), by_tier, present)
 
     def load(self, keys: Sequence[ChunkKey], *, prefix: bool = True) -> LoadResult:
         """KV of ``keys``, each chunk checked against the scope's layout (:meth:`valid_chunk`).

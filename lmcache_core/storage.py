@@ -225,12 +225,14 @@ class TierStack:
                         break
         return found, by_tier
 
-    def presence(self, keys: Sequence[ChunkKey]) -> list[bool]:
-        """For each key, whether some tier holds it (gaps allowed: for reuse at any position).
+    def presence(self, keys: Sequence[ChunkKey]) -> tuple[list[bool], dict[str, int]]:
+        """For each key, whether some tier holds it (gaps allowed: for reuse at any position), and
+        how many of them each tier answered for (the fastest tier holding each).
 
         A backend answers "how many leading keys of this list do I hold", so each tier is asked
         once per run of keys it holds, never once per key."""
         present = [False] * len(keys)
+        by_tier = {tier.name: 0 for tier in self._tiers}
         for tier in self._tiers:
             missing = [i for i, held in enumerate(present) if not held]
             while missing:
@@ -238,8 +240,9 @@ class TierStack:
                 held = tier.call("contains", lambda t=tier, w=wanted: t.backend.contains(w), 0)
                 for i in missing[:held]:
                     present[i] = True
+                by_tier[tier.name] += held
                 missing = missing[held + 1 :]  # the key after the run is not in this tier
-        return present
+        return present, by_tier
 
     def first_tier_contains(self, keys: Sequence[ChunkKey]) -> int:
         """Like :meth:`contains`, asking only the first (fastest, local) tier: for write paths,

@@ -55,6 +55,21 @@ def test_prefix_lookup_stops_at_the_first_gap_and_per_key_lookup_does_not(
     assert (lookup.found, lookup.by_tier, lookup.present) == (2, {"cpu": 2}, None)
     spread = cache.lookup_keys(keys, prefix=False)
     assert spread.present == [True, True, False, True, False] and spread.found == 3
+    assert spread.by_tier == {"cpu": 3}
+
+
+def test_per_key_lookup_and_load_span_tiers(engines: list[CacheEngine], tmp_path: Path) -> None:
+    cache = engine(engines, tmp_path, tiers="cpu,disk")
+    keys = cache.keys(list(range(5 * CHUNK)))
+    cache.save([Chunk(keys[i], kv(CHUNK, seed=i), i) for i in (0, 2, 4)])
+    assert cache.flush()
+    cache.stack.backends[0].delete([keys[0], keys[4]])  # only on disk now
+    spread = cache.lookup_keys(keys, prefix=False)
+    assert spread.present == [True, False, True, False, True] and spread.by_tier == {"cpu": 1, "disk": 2}
+    loaded = cache.load(keys, prefix=False)
+    assert [chunk is not None for chunk in loaded.chunks] == spread.present
+    assert loaded.hits_by_tier == {"cpu": 1, "disk": 2}
+    assert cache.lookup_keys(keys).found == 1  # prefix mode stops at the gap
 
 
 def test_load_returns_validated_chunks_and_the_tiers_that_served_them(
