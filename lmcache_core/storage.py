@@ -278,15 +278,18 @@ class TierStack:
 
     def _read_prefix(self, keys: Sequence[ChunkKey], hits: dict[str, int]) -> list[torch.Tensor | None]:
         """Like :meth:`contains_by_tier`, but reading: each tier gets only the run of still-missing
-        keys it holds from the first gap on, and is asked again only once the gap has moved."""
+        keys it holds from the first gap on, and is asked again only once the gap has moved. A
+        tier that could not read a key it said it held (evicted or found corrupt in between) is
+        not asked again in this read: the lower tiers may still have that key."""
         results: list[torch.Tensor | None] = [None] * len(keys)
         gap = 0  # the first position without a chunk
         asked_at = [-1] * len(self._tiers)
+        done: set[int] = set()
         progress = True
         while progress and gap < len(keys):
             progress = False
             for depth, tier in enumerate(self._tiers):
-                if asked_at[depth] == gap:
+                if asked_at[depth] == gap or depth in done:
                     continue
                 asked_at[depth] = gap
                 missing = [i for i in range(gap, len(keys)) if results[i] is None]
@@ -295,6 +298,8 @@ class TierStack:
                 if not held:
                     continue
                 self._fetch(depth, keys, missing[:held], results, hits)
+                if any(results[i] is None for i in missing[:held]):
+                    done.add(depth)
                 moved = next((i for i in range(gap, len(keys)) if results[i] is None), len(keys))
                 if moved > gap:
                     gap, progress = moved, True

@@ -5,7 +5,7 @@ buffers, K/V factors other than 2, the stored position field, and reads that sto
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -14,7 +14,7 @@ import torch
 from lmcache_core.backend import BackendContext, Chunk
 from lmcache_core.engine import CacheEngine
 from lmcache_core.errors import CorruptEntryError
-from lmcache_core.keys import KVLayout
+from lmcache_core.keys import ChunkKey, KVLayout
 from lmcache_core.serde import POSITION_OFFSET, decode_chunk, encode_chunk, read_header
 from lmcache_core.storage import TierStack
 from lmcache_core.testing.conformance import make_chunks
@@ -112,6 +112,39 @@ def test_a_lower_tier_is_not_read_past_the_first_gap() -> None:
         lower.put_many([chunks[1], chunks[3], chunks[4], chunks[5]])  # chunk 2 is nowhere
         assert len(stack.get_prefix([c.key for c in chunks])) == 2
         assert lower.stats()["read_bytes"] == size  # chunk 1 only, not chunks 3..5
+    finally:
+        stack.close()
+
+
+class VanishingCpu(CpuBackend):
+    """Says it holds every stored key, but its first read misses chunk 1 (evicted in between)."""
+
+    def __init__(self, settings: CpuSettings, context: BackendContext) -> None:
+        super().__init__(settings, context)
+        self.reads = 0
+
+    def get_many(self, keys: Sequence[ChunkKey]) -> list[torch.Tensor | None]:
+        self.reads += 1
+        found = super().get_many(keys)
+        if self.reads == 1 and len(found) > 1:
+            found[1] = None
+        return found
+
+
+def test_a_chunk_that_vanishes_between_contains_and_get_ends_the_prefix_unless_a_lower_tier_has_it() -> None:
+    size = make_chunks(1)[0].kv.nbytes
+    upper = VanishingCpu(CpuSettings(max_size=100 * size), BackendContext("upper", "raw"))
+    lower = CpuBackend(CpuSettings(max_size=100 * size), BackendContext("lower", "raw"))
+    stack = TierStack([upper, lower])
+    try:
+        chunks = make_chunks(4)
+        upper.put_many(chunks)
+        assert len(stack.get_prefix([c.key for c in chunks])) == 1  # the upper tier is not asked twice
+        assert upper.reads == 1
+        upper.reads = 0
+        lower.put_many(chunks[1:2])
+        chunks_read, hits = stack.read([c.key for c in chunks])
+        assert len(chunks_read) == 4 and hits == {"upper": 3, "lower": 1}
     finally:
         stack.close()
 
