@@ -48,12 +48,19 @@ class BackendSettings(BaseModel):
 
 @dataclass(frozen=True)
 class Chunk:
-    """One chunk to store: its key, its KV tensor [layers, 2, tokens, kv_heads, head_dim] and its
-    position in the prompt (0 for the first chunk), which prefix-aware eviction uses."""
+    """One chunk to store: its key, its KV tensor [layers, kv_factor, tokens, kv_heads, head_dim] and
+    its position in the prompt (0 for the first chunk), which prefix-aware eviction uses.
+
+    ``owned``: the caller hands ``kv`` over and never writes it again, so a tier that keeps tensors
+    may keep this one instead of copying it. ``first_position``: the token position the chunk's
+    first token was computed at, recorded in the stored header (None: not recorded).
+    """
 
     key: ChunkKey
     kv: torch.Tensor
     index: int = 0
+    owned: bool = False
+    first_position: int | None = None
 
 
 @dataclass(frozen=True)
@@ -197,7 +204,7 @@ class SerializingBackend(StorageBackend):
         mac_key, codecs = self.context.mac_key, self.context.codecs
         items = [
             (str(chunk.key), encode_chunk(chunk.key, chunk.kv, codec=self.codec, chunk_index=chunk.index,
-                                          mac_key=mac_key, codecs=codecs))
+                                          mac_key=mac_key, codecs=codecs, first_position=chunk.first_position))
             for chunk in chunks
         ]
         stored = self._write_blobs(items)

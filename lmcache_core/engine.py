@@ -8,12 +8,24 @@ stored on the CPU.
     engine.store(tokens, kv)            # kv covers tokens[:kv.shape[2]]
     hit = engine.lookup(tokens)         # number of leading tokens cached
     kv_prefix = engine.retrieve(tokens) # KV for those tokens, or None
+
+Callers that manage chunks themselves (the vLLM connector, the CLI) use the key-level API that the
+token-level calls above are built on:
+
+    keys = engine.keys(tokens)
+    engine.lookup_keys(keys)            # Lookup(found, by_tier[, present])
+    engine.load(keys)                   # LoadResult(chunks, hits_by_tier): validated chunks only
+    engine.save(chunks)                 # Chunk(key, kv, index, owned=...) per chunk
+
+``prefix=True`` (the default) means "the longest stored prefix": lookups and loads stop at the first
+gap. ``prefix=False`` answers per key and tolerates gaps, for reusing chunks at any position.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -61,7 +73,40 @@ def build_backends(settings: Settings, registry: Registry) -> list[StorageBacken
     return backends
 
 
+@dataclass(frozen=True)
+class Lookup:
+    """What :meth:`CacheEngine.lookup_keys` found.
+
+    ``found``: prefix mode, the length of the longest stored prefix of the keys; per-key mode, how
+    many keys are stored. ``by_tier``: how many of those each tier answered for (the fastest
+    tier holding them, where a load will read them). ``present``: per-key mode only, one flag per key.
+    """
+
+    found: int
+    by_tier: dict[str, int]
+    present: list[bool] | None = None
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """What :meth:`CacheEngine.load` read: validated chunks and which tiers served them.
+
+    Prefix mode: the chunks of the longest loadable prefix (never ``None``). Per-key mode: one
+    entry per key, ``None`` for a key that is missing, corrupt or of the wrong shape.
+    """
+
+    chunks: list[torch.Tensor | None]
+    hits_by_tier: dict[str, int]
+
+    @property
+    def num_chunks(self) -> int:
+        """Chunks loaded (in prefix mode, the length of the loaded prefix)."""
+        return sum(chunk is not None for chunk in self.chunks)
+
+
 class CacheEngine:
+    """Stores, finds and loads KV chunks for one :class:`CacheScope` across the configured tiers."""
+
     def __init__(self, settings: Settings, registry: Registry, scope: CacheScope) -> None:
         settings = codecs_for_kv(settings, scope.layout.dtype, registry.codecs)
         self.settings = settings
@@ -118,15 +163,60 @@ class CacheEngine:
         keys = self.keys(tokens[:num_tokens])
         bounds = self.hasher.chunk_bounds(num_tokens, include_partial=self.settings.save_unfull_chunk)
         already = self.stack.first_tier_contains(keys)  # never wait on a remote tier to store
-        chunks = [Chunk(keys[i], kv[:, :, start:end], i) for i, (start, end) in enumerate(bounds) if i >= already]
-        self.stack.put_many(chunks)  # the tiers copy: kv stays the caller's
+        chunks = [Chunk(keys[i], kv[:, :, start:end], i, first_position=start)
+                  for i, (start, end) in enumerate(bounds) if i >= already]
+        self.save(chunks)  # not owned: the tiers copy, kv stays the caller's
         return sum(chunk.kv.shape[2] for chunk in chunks)
+
+    def save(self, chunks: Sequence[Chunk]) -> None:
+        """Store ``chunks`` in the first tier now and in the lower tiers in the background.
+
+        A chunk with ``owned=True`` hands its tensor over: the caller never writes it again, so a
+        tier that keeps tensors in memory may keep it instead of copying it. Otherwise the tiers
+        copy and ``kv`` may be a view of memory the caller reuses (a KV cache's pages).
+        """
+        self.stack.put_many(chunks)
 
     def lookup(self, tokens: Sequence[int] | np.ndarray | torch.Tensor) -> int:
         """How many leading tokens of ``tokens`` have KV stored in some tier."""
-        keys = self.keys(tokens)
-        found = self.stack.contains(keys)
+        found = self.lookup_keys(self.keys(tokens)).found
         return min(found * self.chunk_size, len(tokens))  # a stored partial chunk ends the prompt
+
+    def lookup_keys(self, keys: Sequence[ChunkKey], *, prefix: bool = True) -> Lookup:
+        """Which of ``keys`` are stored: the longest stored prefix (``prefix=True``; stops at the
+        first gap, so a remote tier is asked as little as possible), or each key (``prefix=False``)."""
+        if prefix:
+            found, by_tier = self.stack.contains_by_tier(keys)
+            return Lookup(found, by_tier)
+        present, by_tier = self.stack.presence(keys)
+        return Lookup(sum(present), by_tier, present)
+
+    def load(self, keys: Sequence[ChunkKey], *, prefix: bool = True) -> LoadResult:
+        """KV of ``keys``, each chunk checked against the scope's layout (:meth:`valid_chunk`).
+
+        ``prefix=True`` stops at the first chunk that is missing or invalid; ``prefix=False``
+        returns one entry per key, ``None`` for those. A chunk that vanished or turned out corrupt
+        since a lookup is a miss here, never wrong data.
+        """
+        chunks, hits = self.stack.read(keys, prefix=prefix)
+        checked = [chunk if chunk is not None and self.valid_chunk(chunk, index, len(keys)) else None
+                   for index, chunk in enumerate(chunks)]
+        if prefix and None in checked:
+            checked = checked[: checked.index(None)]
+        return LoadResult(checked, hits)
+
+    def valid_chunk(self, chunk: torch.Tensor, index: int, num_keys: int) -> bool:
+        """Whether ``chunk`` can be chunk ``index`` of ``num_keys`` for this scope: its layout's shape
+        and dtype, and a full chunk of tokens (only the last key may be a partial chunk).
+        The one place loaded chunks are checked: never load KV computed for something else."""
+        layout = self.scope.layout
+        tokens = chunk.shape[2] if chunk.dim() == 5 else -1
+        full = tokens == self.chunk_size or (index == num_keys - 1 and 0 < tokens < self.chunk_size)
+        if full and tuple(chunk.shape) == layout.chunk_shape(tokens) and str(chunk.dtype) == f"torch.{layout.dtype}":
+            return True
+        log.warning("chunk %d with shape %s / %s does not match %s with %d-token chunks; treating it as a miss",
+                    index, tuple(chunk.shape), chunk.dtype, layout, self.chunk_size)
+        return False
 
     def retrieve(
         self, tokens: Sequence[int] | np.ndarray | torch.Tensor, device: str | torch.device = "cpu"
@@ -151,23 +241,13 @@ class CacheEngine:
 
     def retrieve_chunks(self, keys: Sequence[ChunkKey]) -> list[torch.Tensor]:
         """KV of the longest retrievable prefix of ``keys``, one tensor per chunk, shapes checked."""
-        chunks = self.stack.get_prefix(keys)
-        layout = self.scope.layout
-        valid: list[torch.Tensor] = []
-        for chunk in chunks:
-            tokens = chunk.shape[2] if chunk.dim() == 5 else -1
-            if tuple(chunk.shape) != layout.chunk_shape(tokens) or str(chunk.dtype) != f"torch.{layout.dtype}":
-                log.warning("chunk with shape %s / %s does not match %s; treating it as a miss",
-                            tuple(chunk.shape), chunk.dtype, layout)
-                break
-            valid.append(chunk)
-        return valid
+        return [chunk for chunk in self.load(keys).chunks if chunk is not None]
 
     def _check_layout(self, kv: torch.Tensor) -> None:
         layout = self.scope.layout
         if kv.dim() != 5 or tuple(kv.shape) != layout.chunk_shape(kv.shape[2]):
             raise ValueError(
-                f"kv must be [layers, 2, tokens, kv_heads, head_dim] = {layout.chunk_shape(-1)}, "
+                f"kv must be [layers, {layout.kv_factor}, tokens, kv_heads, head_dim] = {layout.chunk_shape(-1)}, "
                 f"got {tuple(kv.shape)}"
             )
         if str(kv.dtype) != f"torch.{layout.dtype}":

@@ -44,10 +44,18 @@ class KVLayout:
     num_kv_heads: int
     head_dim: int
     dtype: str  # torch dtype name without the "torch." prefix, e.g. "bfloat16"
+    # Tensors per token and head: 2 (K and V), or 1 for MLA's single latent. Not part of the
+    # keys (:meth:`CacheScope.identity`): an MLA model's digest already differs from any other's,
+    # and leaving it out kept existing keys valid when the field was added.
+    kv_factor: int = 2
+
+    def __post_init__(self) -> None:
+        if self.kv_factor not in (1, 2):
+            raise ValueError(f"kv_factor must be 1 (MLA latent) or 2 (K and V), got {self.kv_factor}")
 
     def chunk_shape(self, num_tokens: int) -> tuple[int, int, int, int, int]:
-        """The chunk tensor layout: [layers, 2 (K and V), tokens, kv_heads, head_dim]."""
-        return (self.num_layers, 2, num_tokens, self.num_kv_heads, self.head_dim)
+        """The chunk tensor layout: [layers, kv_factor (K and V, or MLA's latent), tokens, kv_heads, head_dim]."""
+        return (self.num_layers, self.kv_factor, num_tokens, self.num_kv_heads, self.head_dim)
 
     @property
     def tag(self) -> str:

@@ -49,6 +49,34 @@ class MemoryPool:
         weakref.finalize(tensor, self._release, nbytes)
         return tensor
 
+    def adopt(self, tensor: torch.Tensor) -> torch.Tensor | None:
+        """Count ``tensor``, handed over by its owner, against the budget instead of copying it into
+        a new buffer: returns ``tensor``, or ``None`` when it does not fit. Its bytes return when
+        the last reference to it is dropped, as for :meth:`allocate`. Only a tensor for which
+        :meth:`can_adopt` is true qualifies."""
+        if not self.can_adopt(tensor):
+            raise ValueError("only a whole, contiguous CPU tensor (pinned if the pool pins) can be adopted")
+        nbytes = tensor.nbytes
+        with self._lock:
+            if self._used + nbytes > self.capacity:
+                return None
+            self._used += nbytes
+        weakref.finalize(tensor, self._release, nbytes)
+        return tensor
+
+    def can_adopt(self, tensor: torch.Tensor) -> bool:
+        """Whether :meth:`adopt` can keep ``tensor`` as it is: a CPU tensor that owns all of its
+        memory (not a view into a larger buffer, whose memory the budget could not account for),
+        pinned if this pool pins."""
+        return (
+            tensor.device.type == "cpu"
+            and tensor._base is None
+            and tensor.is_contiguous()
+            and tensor.storage_offset() == 0
+            and tensor.untyped_storage().nbytes() == tensor.nbytes
+            and (not self.pin or tensor.is_pinned())
+        )
+
     def _release(self, nbytes: int) -> None:
         with self._lock:
             self._used -= nbytes

@@ -21,11 +21,17 @@ Header layout (little-endian, 128 bytes)::
 
     magic 4s | version H | header_size H | codec 8s | dtype B | ndim B | flags H
     shape 6I | num_tokens I | chunk_index I | key_digest 16s | payload_len Q | payload_xxh3 Q
-    header_crc32 I | zero padding to byte 96 | mac 32s (zero without FLAG_MAC)
+    header_crc32 I | first_position I | position_crc32 I | mac 32s (zero without FLAG_MAC)
 
 ``flags`` was a zero "reserved" field before the MAC; an object with a flag this version does not
 know is unsupported (a later version's meaning, kept for its readers). The CRC covers bytes 0-83,
 the MAC covers bytes 0-95 and the payload.
+
+``first_position`` (bytes 88-91) is the token position the chunk's first token was computed at,
+plus one; 0 means "not recorded" (objects written before the field existed, or by a caller that did
+not say). ``position_crc32`` covers bytes 0-91 when a position is recorded. Bytes 88-95 were zero
+padding that readers never looked at, so the format version is still 1: older readers read new
+objects and ignore the field, newer readers read old objects as "position not recorded".
 """
 
 from __future__ import annotations
@@ -52,6 +58,8 @@ MAX_DIMS = 6
 _FIELDS = struct.Struct("<4sHH8sBBH6III16sQQ")
 _CRC = struct.Struct("<I")
 _VERSION = struct.Struct("<H")
+POSITION_OFFSET = 88
+_POSITION = struct.Struct("<II")  # first_position + 1, crc32 of bytes 0-91
 MAC_OFFSET = 96
 MAC_SIZE = 32
 FLAG_MAC = 0x0001  # the object carries a MAC at MAC_OFFSET
@@ -104,6 +112,7 @@ class ChunkHeader:
     payload_len: int
     payload_checksum: int
     mac: bytes | None = None  # None: the writer had no key secret
+    first_position: int | None = None  # None: not recorded
 
     @property
     def total_size(self) -> int:
@@ -125,10 +134,12 @@ def encode_chunk(
     chunk_index: int = 0,
     mac_key: bytes | None = None,
     codecs: Mapping[str, Codec] = BUILTIN_CODECS,
+    first_position: int | None = None,
 ) -> list[memoryview]:
     """Encode ``tensor`` for ``key``: returns [header, payload...] buffers, ready for a vectored write.
 
     ``codec`` is a codec, or a name looked up in ``codecs`` (a registry's, or the built-in ones).
+    ``first_position``: the token position the chunk's first token was computed at, if known.
 
     With ``mac_key`` (see :func:`derive_mac_key`) the object is authenticated. The payload
     checksum is written either way, so readers without the secret can still verify it.
@@ -167,6 +178,11 @@ def encode_chunk(
     header = bytearray(HEADER_SIZE)
     header[: len(fields)] = fields
     header[len(fields) : len(fields) + _CRC.size] = _CRC.pack(zlib.crc32(fields))
+    if first_position is not None:
+        if not 0 <= first_position < 2**32 - 1:
+            raise ValueError(f"first_position must be in [0, {2**32 - 2}], got {first_position}")
+        struct.pack_into("<I", header, POSITION_OFFSET, first_position + 1)
+        struct.pack_into("<I", header, POSITION_OFFSET + 4, zlib.crc32(header[: POSITION_OFFSET + 4]))
     if mac_key is not None:
         header[MAC_OFFSET:] = _object_mac(mac_key, memoryview(header), payload)
     return [memoryview(header), *payload]
@@ -199,6 +215,9 @@ def read_header(data: bytes | bytearray | memoryview) -> ChunkHeader:
         raise UnsupportedEntryError(f"header flags {flags:#06x}; this lmcache-core knows {_KNOWN_FLAGS:#06x}")
     if dtype_code not in _DTYPES_BY_CODE or ndim > MAX_DIMS:
         raise CorruptEntryError("unknown dtype or rank in header")
+    position, position_crc = _POSITION.unpack_from(view, POSITION_OFFSET)
+    if (position or position_crc) and zlib.crc32(view[: POSITION_OFFSET + 4]) != position_crc:
+        raise CorruptEntryError("header position checksum mismatch")
     return ChunkHeader(
         codec=codec.rstrip(b"\0").decode("ascii", "replace"),
         dtype=_DTYPES_BY_CODE[dtype_code],
@@ -209,6 +228,7 @@ def read_header(data: bytes | bytearray | memoryview) -> ChunkHeader:
         payload_len=payload_len,
         payload_checksum=checksum,
         mac=bytes(view[MAC_OFFSET:HEADER_SIZE]) if flags & FLAG_MAC else None,
+        first_position=position - 1 if position else None,
     )
 
 

@@ -29,6 +29,7 @@ from urllib.parse import unquote_plus
 import yaml
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError, field_validator
 from pydantic.fields import FieldInfo
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from lmcache_core.backend import BackendSettings
@@ -145,6 +146,22 @@ class Settings(BaseSettings):
         description="Blending: shortest segment worth reusing, in tokens. Accepted; takes effect with "
         "enable_blending in a later release.",
     )
+    lookup_timeout_s: float | None = Field(
+        None,
+        description="vLLM, deprecated: the lookup deadline in seconds, in (0, 60]; use lookup_deadline_ms. Kept "
+        "because it was a `kv_connector_extra_config` entry of the connector; it wins over lookup_deadline_ms.",
+    )
+    model_name: str | None = Field(
+        None,
+        description="vLLM: the model name in every key, instead of vLLM's model (a local folder counts by its "
+        "last path component). Instances that share a cache must use the same name. Also read from "
+        "`kv_connector_extra_config` as `model_name`.",
+    )
+    allow_untested_vllm: bool = Field(
+        False,
+        description="vLLM: cache even with a vLLM version outside the range this release was tested with (the "
+        "connector relies on vLLM internals; see docs/vllm.md, \"Testing a new vLLM release\").",
+    )
     plugins: PluginSettings = Field(
         default_factory=PluginSettings, description="Which plugins load (allow, deny) and whether a failure is fatal."
     )
@@ -175,6 +192,31 @@ class Settings(BaseSettings):
         if any(character.isspace() for character in revision):  # "v2" and "v2\n" would never share KV
             raise ValueError("expected a tag or commit without spaces, e.g. v2 or 3f2a9c1")
         return revision
+
+    @field_validator("lookup_timeout_s", mode="before")
+    @classmethod
+    def _timeout_in_range(cls, value: Any) -> float | None:
+        if value is None or value == "":
+            return None
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            seconds = math.nan
+        if not 0 < seconds <= 60:
+            raise PydanticCustomError(
+                "lookup_timeout", "expected seconds in (0, 60], a number (deprecated: use lookup_deadline_ms or "
+                "LMCACHE_LOOKUP_DEADLINE_MS)",
+            )
+        return seconds
+
+    @field_validator("model_name")
+    @classmethod
+    def _model_name_is_set(cls, name: str | None) -> str | None:
+        if name is None or not name.strip():  # an empty variable means unset
+            return None
+        if name != name.strip() or "\n" in name:  # "m" and "m\n" would never share KV
+            raise ValueError("expected a name without leading/trailing spaces or line breaks")
+        return name
 
     @field_validator("tiers")
     @classmethod

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -177,12 +178,18 @@ class TierStack:
         return [tier.backend for tier in self._tiers]
 
     def contains(self, keys: Sequence[ChunkKey]) -> int:
-        """Length of the longest prefix of ``keys`` stored across the tiers.
+        """Length of the longest prefix of ``keys`` stored across the tiers."""
+        return self.contains_by_tier(keys)[0]
+
+    def contains_by_tier(self, keys: Sequence[ChunkKey]) -> tuple[int, dict[str, int]]:
+        """Length of the longest prefix of ``keys`` stored across the tiers, and how many of those
+        keys each tier answered for (a load reads them from there when each tier holds a prefix).
 
         Stops at the first key no tier holds, and asks a tier again only once the others have
         found the key where it missed: each question can be a round trip to a remote tier, and
         the scheduler's lookup waits for the answer."""
         found = 0
+        by_tier = {tier.name: 0 for tier in self._tiers}
         missing_from = [-1] * len(self._tiers)  # per tier: the first key it does not hold
         progress = True
         while progress and found < len(keys):
@@ -193,12 +200,32 @@ class TierStack:
                 remaining = keys[found:]
                 matched = tier.call("contains", lambda t=tier, r=remaining: t.backend.contains(r), 0)
                 found += matched
+                by_tier[tier.name] += matched
                 missing_from[index] = found
                 if matched:
                     progress = True
                     if found == len(keys):
                         break
-        return found
+        return found, by_tier
+
+    def presence(self, keys: Sequence[ChunkKey]) -> tuple[list[bool], dict[str, int]]:
+        """For each key, whether some tier holds it (gaps allowed: for reuse at any position), and
+        how many of them each tier answered for (the fastest tier holding each).
+
+        A backend answers "how many leading keys of this list do I hold", so each tier is asked
+        once per run of keys it holds, never once per key."""
+        present = [False] * len(keys)
+        by_tier = {tier.name: 0 for tier in self._tiers}
+        for tier in self._tiers:
+            missing = [i for i, held in enumerate(present) if not held]
+            while missing:
+                wanted = [keys[i] for i in missing]
+                held = tier.call("contains", lambda t=tier, w=wanted: t.backend.contains(w), 0)
+                for i in missing[:held]:
+                    present[i] = True
+                by_tier[tier.name] += held
+                missing = missing[held + 1 :]  # the key after the run is not in this tier
+        return present, by_tier
 
     def first_tier_contains(self, keys: Sequence[ChunkKey]) -> int:
         """Like :meth:`contains`, asking only the first (fastest, local) tier: for write paths,
@@ -208,28 +235,79 @@ class TierStack:
 
     def get_prefix(self, keys: Sequence[ChunkKey]) -> list[torch.Tensor]:
         """KV of the longest retrievable prefix of ``keys`` (stops at the first chunk no tier has)."""
+        chunks, _ = self.read(keys, prefix=True)
+        return [chunk for chunk in chunks if chunk is not None]
+
+    def read(
+        self, keys: Sequence[ChunkKey], *, prefix: bool = True
+    ) -> tuple[list[torch.Tensor | None], dict[str, int]]:
+        """Read ``keys`` from the fastest tier holding each; hits in lower tiers are promoted.
+
+        ``prefix=True``: the chunks of the longest retrievable prefix (no ``None``), each tier
+        asked only for the keys it holds before the first gap (a remote tier is never asked for
+        megabytes that a gap makes useless). ``prefix=False``: one entry per key, ``None`` where
+        no tier has it. Also returns how many chunks each tier served in this call.
+        """
+        hits = {tier.name: 0 for tier in self._tiers}
+        if prefix:
+            return self._read_prefix(keys, hits), hits
         results: list[torch.Tensor | None] = [None] * len(keys)
-        for depth, tier in enumerate(self._tiers):
+        for depth in range(len(self._tiers)):
             missing = [i for i, item in enumerate(results) if item is None]
             if not missing:
                 break
-            wanted = [keys[i] for i in missing]
-            fetched = tier.call("get", lambda t=tier, w=wanted: t.backend.get_many(w), [None] * len(wanted))
-            promoted: list[Chunk] = []
-            for i, tensor in zip(missing, fetched, strict=True):
-                if tensor is not None:
-                    results[i] = tensor
-                    self.hits_by_tier[tier.name] += 1
-                    if depth:
-                        promoted.append(Chunk(keys[i], tensor, i))
-            if promoted:
-                self._promote(promoted, upto=depth)
-        prefix: list[torch.Tensor] = []
-        for item in results:
-            if item is None:
-                break
-            prefix.append(item)
-        return prefix
+            self._fetch(depth, keys, missing, results, hits)
+        return results, hits
+
+    def _read_prefix(self, keys: Sequence[ChunkKey], hits: dict[str, int]) -> list[torch.Tensor | None]:
+        """Like :meth:`contains_by_tier`, but reading: each tier gets only the run of still-missing
+        keys it holds from the first gap on, and is asked again only once the gap has moved. A
+        tier that could not read a key it said it held (evicted or found corrupt in between) is
+        not asked again in this read: the lower tiers may still have that key."""
+        results: list[torch.Tensor | None] = [None] * len(keys)
+        gap = 0  # the first position without a chunk
+        asked_at = [-1] * len(self._tiers)
+        done: set[int] = set()
+        progress = True
+        while progress and gap < len(keys):
+            progress = False
+            for depth, tier in enumerate(self._tiers):
+                if asked_at[depth] == gap or depth in done:
+                    continue
+                asked_at[depth] = gap
+                missing = [i for i in range(gap, len(keys)) if results[i] is None]
+                wanted = [keys[i] for i in missing]
+                held = tier.call("contains", lambda t=tier, w=wanted: t.backend.contains(w), 0)
+                if not held:
+                    continue
+                self._fetch(depth, keys, missing[:held], results, hits)
+                if any(results[i] is None for i in missing[:held]):
+                    done.add(depth)
+                moved = next((i for i in range(gap, len(keys)) if results[i] is None), len(keys))
+                if moved > gap:
+                    gap, progress = moved, True
+                    if gap == len(keys):
+                        break
+        return results[:gap]
+
+    def _fetch(
+        self, depth: int, keys: Sequence[ChunkKey], positions: list[int], results: list[torch.Tensor | None],
+        hits: dict[str, int],
+    ) -> None:
+        """Get ``positions`` of ``keys`` from tier ``depth`` into ``results``; promote what it had."""
+        tier = self._tiers[depth]
+        wanted = [keys[i] for i in positions]
+        fetched = tier.call("get", lambda: tier.backend.get_many(wanted), [None] * len(wanted))
+        promoted: list[Chunk] = []
+        for i, tensor in zip(positions, fetched, strict=True):
+            if tensor is not None:
+                results[i] = tensor
+                hits[tier.name] += 1
+                self.hits_by_tier[tier.name] += 1
+                if depth:
+                    promoted.append(Chunk(keys[i], tensor, i))
+        if promoted:
+            self._promote(promoted, upto=depth)
 
     def put_many(self, chunks: Sequence[Chunk]) -> None:
         """Store in the first tier now and in the lower tiers in the background.
@@ -266,13 +344,16 @@ class TierStack:
     def _stable_copies(self, chunks: list[Chunk]) -> list[Chunk]:
         """Chunks whose tensors nobody else writes: views of the first tier's own copies where it
         keeps tensors in memory (no second copy; the views also keep it from evicting them while
-        queued), otherwise fresh host copies. The write budget counts them either way."""
+        queued), the chunks themselves when their caller handed them over (``owned``), otherwise
+        fresh host copies. The write budget counts them either way."""
         first = self._tiers[0]
         if not isinstance(first.backend, SerializingBackend):
             held = first.call("get", lambda: first.backend.get_many([c.key for c in chunks]), [])
             if len(held) == len(chunks) and all(tensor is not None for tensor in held):
-                return [Chunk(c.key, tensor, c.index) for c, tensor in zip(chunks, held, strict=True)]
-        return [Chunk(c.key, c.kv.to("cpu", copy=True), c.index) for c in chunks]
+                return [dataclasses.replace(c, kv=tensor) for c, tensor in zip(chunks, held, strict=True)]
+        if all(c.owned and c.kv.device.type == "cpu" for c in chunks):
+            return chunks
+        return [dataclasses.replace(c, kv=c.kv.to("cpu", copy=True)) for c in chunks]
 
     def _promote(self, chunks: list[Chunk], upto: int) -> None:
         """Copy chunks found in a lower tier (already host-resident) into the tiers above ``upto``."""

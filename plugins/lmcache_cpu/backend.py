@@ -4,6 +4,9 @@ Eviction is LRU by bytes and prefix-aware (:class:`~lmcache_core.plugin_api.Byte
 batch the chunks are touched and written from last to first, so a prompt's first chunk is always
 more recent than its tail and the tail goes first.
 
+A chunk handed over by its caller (``Chunk.owned``, e.g. the vLLM connector's freshly gathered
+buffers) is kept as it is when it owns all of its memory: no second copy (``adopted_bytes``).
+
 Reads hand out views (:func:`~lmcache_core.memory.lend`). An entry whose memory is still held by a
 reader or by a lower tier's write queue is never evicted: it would free no memory, only empty the
 tier. When nothing evictable is left the new chunk is dropped and counted (``dropped_no_room``).
@@ -56,18 +59,23 @@ class CpuBackend(StorageBackend):
         if chunk.kv.nbytes > self.pool.capacity:
             self.count("dropped_too_large")  # can never fit: evict nothing for it
             return
-        buffer = self._allocate(tuple(chunk.kv.shape), chunk.kv.dtype)
+        adopt = chunk.owned and self.pool.can_adopt(chunk.kv)
+        buffer = self._allocate(chunk.kv, adopt)
         if buffer is None:
             self.count("dropped_no_room")
             return
-        buffer.copy_(chunk.kv)
+        if adopt:
+            self.count("adopted_bytes", buffer.nbytes)
+        else:
+            buffer.copy_(chunk.kv)
         self._entries.add(chunk.key, buffer, buffer.nbytes)
         self.count("written_bytes", buffer.nbytes)
 
-    def _allocate(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
-        """A buffer from the pool, evicting least recently used entries that nobody else holds."""
+    def _allocate(self, kv: torch.Tensor, adopt: bool) -> torch.Tensor | None:
+        """A buffer for ``kv`` from the pool (``kv`` itself when adopted), evicting least recently
+        used entries that nobody else holds."""
         while True:
-            buffer = self.pool.allocate(shape, dtype)
+            buffer = self.pool.adopt(kv) if adopt else self.pool.allocate(tuple(kv.shape), kv.dtype)
             if buffer is not None:
                 return buffer
             if self._entries.pop_victim(evictable=lambda held: not in_use_elsewhere(held)) is None:

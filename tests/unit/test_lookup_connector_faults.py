@@ -67,9 +67,11 @@ def scheduler_connector(vllm_side: Any, **extra: Any) -> Any:
     config = SimpleNamespace(
         kv_transfer_config=transfer, cache_config=SimpleNamespace(block_size=BLOCK),
         parallel_config=SimpleNamespace(data_parallel_rank=0, tensor_parallel_size=1, pipeline_parallel_size=1),
+        model_config=SimpleNamespace(model="m"),
     )
     kv_cache_config = SimpleNamespace(kv_cache_groups=[object()])
-    return vllm_side.module.LMCacheCoreConnector(config, vllm_side.role.SCHEDULER, kv_cache_config)
+    # The real facade; its scheduler half holds the lookup client that these tests look into.
+    return vllm_side.module.LMCacheCoreConnector(config, vllm_side.role.SCHEDULER, kv_cache_config).connector_scheduler
 
 
 def request(request_id: str = "r1") -> SimpleNamespace:

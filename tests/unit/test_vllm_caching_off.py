@@ -41,9 +41,8 @@ def connector_module(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> Any:
 
 
 def cpu_worker(module: Any, kv_cache_dtype: str) -> Any:
-    worker = module.LMCacheCoreConnector.__new__(module.LMCacheCoreConnector)
-    worker._role = module.KVConnectorRole.WORKER
-    worker._init_worker()
+    worker = module.LMCacheCoreWorker.__new__(module.LMCacheCoreWorker)
+    worker._init_state()
     worker._supported = True
     worker._chunk_size = 64
     worker._settings = SimpleNamespace(tiers=["cpu"], namespace="default")

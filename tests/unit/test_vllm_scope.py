@@ -30,8 +30,8 @@ HF_CONFIG = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_hidd
 def connector() -> Any:
     with warnings.catch_warnings():  # vLLM's own imports warn about its dependencies
         warnings.simplefilter("ignore")
-        from lmcache_core.integrations.vllm import connector
-    return connector
+        from lmcache_core.integrations.vllm import worker  # the worker half computes the scope
+    return worker
 
 
 def write_checkpoint(folder: Path, weights: bytes) -> Path:
@@ -59,7 +59,7 @@ def vllm_config(model: Path | str, *, cache_dtype: str = "auto", quantization: s
 
 
 def settings(model_revision: str | None = None) -> SimpleNamespace:
-    return SimpleNamespace(namespace="default", model_revision=model_revision)
+    return SimpleNamespace(namespace="default", model_revision=model_revision, model_name=None)
 
 
 def keys(connector: Any, config: SimpleNamespace, revision: str | None = None) -> list[str]:

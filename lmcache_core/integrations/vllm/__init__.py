@@ -30,10 +30,9 @@ def register() -> None:
     calls it bare: so it is idempotent, imports only the factory, and never raises.
     """
     try:
-        from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+        from lmcache_core.integrations.vllm.compat import register_connector
 
-        if CONNECTOR_NAME not in KVConnectorFactory._registry:
-            KVConnectorFactory.register_connector(CONNECTOR_NAME, _CONNECTOR_MODULE, CONNECTOR_NAME)
+        register_connector(CONNECTOR_NAME, _CONNECTOR_MODULE, CONNECTOR_NAME)
     except Exception:  # a broken plugin must not take vLLM down
         logging.getLogger("vllm.lmcache_core").exception("could not register %s with vLLM", CONNECTOR_NAME)
 

@@ -3,7 +3,7 @@
 vLLM does not publish the byte layout of its caches as an API; a wrong guess would silently load
 another token's KV. So the layout is derived from the attention backend's name and the tensor
 rank, and on CPU, where the layout depends on the SIMD kernel vLLM picked (its "ISA": ``vec``,
-``vec16``, ``amx``, see ``vllm/v1/attention/backends/cpu_attn.py:_get_attn_isa``), it is derived at
+``vec16``, ``amx``, see :func:`.compat.cpu_attention_isa`), it is derived at
 start-up by writing known values with vLLM's own cache-write op and reading them back through
 :func:`copy_paged_kv`: the layout documented for the ISA is tried first, then the others. A
 connector for which no layout reads the values back stays out of the way (no loads, no saves)
@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from lmcache_core.integrations.vllm import compat
+from lmcache_core.integrations.vllm.compat import cpu_attention_isa
 from lmcache_core.integrations.vllm.paged import PagedLayout, copy_paged_kv
 
 # A child of vLLM's logger, so our lines appear in vLLM's output with its format.
@@ -52,11 +54,8 @@ class CacheWriteUnavailable(CPULayoutError):
     """vLLM's cache-write op refused this ISA / dtype / block size on this machine and build."""
 
 
-def cpu_attention_isa(dtype: torch.dtype, block_size: int, head_dim: int, kv_cache_dtype: str = "auto") -> str:
-    """The SIMD variant vLLM's CPU attention backend picks for these parameters (``dtype``: the model's)."""
-    from vllm.v1.attention.backends import cpu_attn
-
-    return cpu_attn._get_attn_isa(dtype, block_size, head_dim, kv_cache_dtype)
+__all__ = ["CPU_ISA_LAYOUTS", "CPU_LAYOUTS", "CPULayoutError", "CacheWriteUnavailable", "cpu_attention_isa",
+           "cpu_layout_for", "detect_layout", "layout_reads", "vllm_cpu_cache_write"]
 
 
 @dataclass
@@ -78,8 +77,6 @@ def vllm_cpu_cache_write(
     represents exactly, and the expected bytes are torch's encoding of them (no rounding to agree on).
     Raises :class:`CacheWriteUnavailable` when vLLM cannot write this combination here.
     """
-    import vllm._custom_ops as ops
-
     fp8 = FP8_CACHE_DTYPES.get(kv_cache_dtype)
     if fp8 is None:  # a cache of plain floats: the model's dtype, or the one kv_cache_dtype names
         if kv_cache_dtype not in _FLOAT_CACHE_DTYPES:
@@ -99,7 +96,7 @@ def vllm_cpu_cache_write(
     key_cache, value_cache = layer.view(num_blocks, num_kv_heads, 2 * block_size, head_dim).chunk(2, dim=2)
     slots = torch.randperm(num_blocks * block_size, generator=generator)[:num_tokens]
     try:
-        ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slots, isa, 1.0, 1.0, op_cache_dtype)
+        compat.cpu_cache_write(key, value, key_cache, value_cache, slots, isa, op_cache_dtype)
     except Exception as error:  # an ISA this build or CPU does not have, an unsupported block size
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CacheWriteUnavailable(f"vLLM cannot write isa={isa} {dtype} kv_cache_dtype={kv_cache_dtype} "
@@ -157,12 +154,11 @@ def detect_layout(kv_caches: dict[str, torch.Tensor], vllm_config: Any) -> Paged
     start-up check; :func:`cpu_layout_for` decides.
     """
     name, tensor = next(iter(kv_caches.items()))
-    layer = vllm_config.compilation_config.static_forward_context.get(name)
-    backend = getattr(layer, "attn_backend", None)
-    backend_name = backend.get_name() if backend is not None else ""
+    layer = compat.attention_layers(vllm_config).get(name)
+    backend_name = compat.attention_backend_name(layer)
     if backend_name.startswith("CPU"):
-        return CPU_ISA_LAYOUTS.get(str(getattr(layer, "isa", "")), PagedLayout.CPU)
-    if "MLA" in backend_name or getattr(layer, "use_mla", False):
+        return CPU_ISA_LAYOUTS.get(compat.layer_isa(layer) or "", PagedLayout.CPU)
+    if "MLA" in backend_name or compat.layer_uses_mla(layer):
         return PagedLayout.MLA
     if tensor.dim() == 4:
         return PagedLayout.STANDARD  # vLLM >= 0.2x: logical [B, H, N, 2*D] for every standard backend

@@ -1,0 +1,275 @@
+"""The connector's scheduler half: lookups, request state, step metadata, load outcomes, delayed frees.
+
+It runs in vLLM's scheduler process, which holds no KV and no tiers: it asks the workers over the
+lookup sockets (:mod:`.lookup`) what they hold, and tells them per step what to load and save
+(:class:`.metadata.LMCacheCoreMetadata`). The protocol, including why saves that depend on a load
+wait for its outcome, is described in :mod:`.connector`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+from lmcache_core.integrations.vllm.control import ControlServer, InstanceInfo
+from lmcache_core.integrations.vllm.lookup import LookupClient, socket_path
+from lmcache_core.integrations.vllm.metadata import LMCacheCoreMetadata, LMCacheCoreWorkerMeta, Transfer
+from lmcache_core.registry import Registry
+from lmcache_core.settings import Settings
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+# A child of vLLM's logger, so our lines appear in vLLM's output with its format.
+log = logging.getLogger("vllm.lmcache_core")
+
+# vLLM's hit-source metric per the medium each backend declares at registration.
+_SOURCE_OF_MEDIUM = {"host": CacheHitSource.HOST, "disk": CacheHitSource.DISK}
+_LOOKUP_REFRESH_S = 1.0
+
+
+@dataclass
+class _Lookup:
+    found: int  # chunks every worker holds
+    first_tier: int  # of which in the first tier
+    at: float  # when the workers answered
+    vllm_cached_tokens: int = 0  # tokens vLLM's own prefix cache had when we answered
+
+
+@dataclass
+class _RequestState:
+    request: Request
+    saved_chunks: int  # prompt chunks known to be stored (found by the lookup, or saved by us)
+    computed_chunks: int = 0  # prompt chunks in the pages once the steps built so far have run
+    load_tokens: int = 0  # external tokens to load in the request's next step
+    unconfirmed_loads: int = 0  # loads sent to the workers whose outcome has not come back yet
+    finished: bool = False  # vLLM finished it and keeps its pages until we release them
+    block_ids: list[int] = field(default_factory=list)  # its pages, once finished
+
+
+def tier_hit_sources(registry: Registry, tiers: list[str]) -> list[CacheHitSource]:
+    """vLLM's hit source for each tier, from the medium its backend declared at registration."""
+    return [_SOURCE_OF_MEDIUM.get(registry.backend(tier).medium, CacheHitSource.EXTERNAL_UNSPECIFIED) for tier in tiers]
+
+
+class LMCacheCoreScheduler:
+    """The scheduler-side methods of vLLM's connector API (the facade delegates to them)."""
+
+    def __init__(self, vllm_config: VllmConfig, settings: Settings, registry: Registry, *, supported: bool) -> None:
+        transfer_config = vllm_config.kv_transfer_config
+        if transfer_config.kv_load_failure_policy == "fail":
+            # vLLM reads the policy right after constructing the connector. For a cache, a chunk
+            # evicted between lookup and load must cost a recompute, never a failed request.
+            transfer_config.kv_load_failure_policy = "recompute"
+            log.info("lmcache-core: kv_load_failure_policy set to 'recompute' (a cache miss is never fatal)")
+        self._settings = settings
+        self._supported = supported
+        self._load_enabled = transfer_config.is_kv_consumer
+        self._save_enabled = transfer_config.is_kv_producer
+        self._block_size = vllm_config.cache_config.block_size
+        self._chunk_size = settings.chunk_size
+        parallel = vllm_config.parallel_config
+        self._lookup_paths = [
+            socket_path(str(transfer_config.engine_id), parallel.data_parallel_rank, rank)
+            for rank in range(parallel.tensor_parallel_size * parallel.pipeline_parallel_size)
+        ]
+        deadline_s = settings.lookup_deadline_ms / 1000
+        if settings.lookup_timeout_s is not None:  # the connector's own key before LMCACHE_LOOKUP_DEADLINE_MS
+            deadline_s = settings.lookup_timeout_s
+            log.warning("lmcache-core: lookup_timeout_s is deprecated; it now sets the lookup deadline (%g ms): "
+                        "use lookup_deadline_ms or LMCACHE_LOOKUP_DEADLINE_MS", deadline_s * 1000)
+        wait_s = min(settings.lookup_wait_ms / 1000, deadline_s)
+        self._client = LookupClient(self._lookup_paths, wait_s=wait_s, deadline_s=deadline_s)
+        # `lmcache-core ps` / `stats` / `ls` reach this instance's ranks through it
+        self._control = ControlServer(self._client, InstanceInfo(
+            str(transfer_config.engine_id), parallel.data_parallel_rank, str(vllm_config.model_config.model),
+            tuple(settings.tiers))).start()
+        self._tier_sources = tier_hit_sources(registry, settings.tiers)
+        self._kv_cache_manager: KVCacheManager | None = None
+        self._requests: dict[str, _RequestState] = {}
+        self._lookups: dict[str, _Lookup] = {}
+        self._finishing: set[str] = set()  # finished requests whose pages vLLM keeps for our saves
+        log.info("lmcache-core connector (scheduler): chunk_size=%d tiers=%s, workers at %s",
+                 self._chunk_size, ",".join(settings.tiers), ", ".join(self._lookup_paths))
+
+    def bind_kv_cache_manager(self, kv_cache_manager: KVCacheManager) -> None:
+        self._kv_cache_manager = kv_cache_manager
+
+    def _cacheable(self, request: Request) -> bool:
+        return (
+            self._supported
+            and not getattr(request, "mm_features", None)
+            and getattr(request, "lora_request", None) is None
+            and getattr(request, "cache_salt", None) is None
+            # embedding inputs: vLLM fills prompt_token_ids with placeholders, so keys would collide
+            and getattr(request, "prompt_embeds", None) is None
+        )
+
+    def _lookup(self, request: Request) -> _Lookup | None:
+        """Ask the workers (at most once per second per request: the scheduler re-asks every step
+        while a request waits for pages). ``None`` while the first answer is late (the client
+        bounds that by its deadline); a late re-ask keeps the previous answer meanwhile, so only a
+        request's first lookup ever holds it back."""
+        prompt = request.prompt_token_ids or []
+        previous = self._lookups.get(request.request_id)
+        now = time.monotonic()
+        if previous is not None and now - previous.at < _LOOKUP_REFRESH_S:
+            return previous
+        full = len(prompt) // self._chunk_size * self._chunk_size
+        answer = self._client.lookup(np.asarray(prompt[:full], dtype=np.uint32)) if full else (0, 0)
+        if answer is None:
+            return previous
+        result = _Lookup(*answer, at=now)
+        self._lookups[request.request_id] = result
+        return result
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        """Tokens beyond vLLM's own prefix cache that the workers can load. vLLM may ask several
+        times per request: the only state this touches is the lookup cache."""
+        if not self._load_enabled or not self._cacheable(request):
+            return 0, False
+        lookup = self._lookup(request)
+        if lookup is None:
+            return None, False  # vLLM skips the request this step and asks again in the next one
+        lookup.vllm_cached_tokens = num_computed_tokens  # for get_external_cache_hit_sources
+        hit = min(lookup.found * self._chunk_size, request.num_prompt_tokens - 1)
+        hit -= hit % self._block_size
+        return max(0, hit - num_computed_tokens), False
+
+    def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict[CacheHitSource, int]:
+        if num_external_tokens == 0:
+            return {}
+        lookup = self._lookups.get(request.request_id)
+        if lookup is None:
+            return {CacheHitSource.EXTERNAL_UNSPECIFIED: num_external_tokens}
+        cached = lookup.vllm_cached_tokens
+        end_first = lookup.first_tier * self._chunk_size
+        from_first = max(0, min(cached + num_external_tokens, end_first) - cached)
+        tier_sources = self._tier_sources
+        sources = {tier_sources[0]: from_first}
+        if num_external_tokens > from_first:
+            lower = tier_sources[1] if len(tier_sources) == 2 else CacheHitSource.EXTERNAL_UNSPECIFIED
+            sources[lower] = sources.get(lower, 0) + num_external_tokens - from_first
+        return {source: count for source, count in sources.items() if count}
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        if not self._cacheable(request):
+            return
+        lookup = self._lookups.get(request.request_id)
+        found = lookup.found if lookup is not None else 0
+        state = self._requests.get(request.request_id)
+        if state is None:
+            state = self._requests[request.request_id] = _RequestState(request, saved_chunks=found)
+        else:  # resumed after preemption: what we saved before is still stored
+            state.saved_chunks = max(state.saved_chunks, found)
+        state.computed_chunks = max(state.computed_chunks, state.saved_chunks)
+        state.load_tokens = num_external_tokens
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> LMCacheCoreMetadata:
+        """Loads of this step, and the saves whose KV is known to be right.
+
+        Chunks computed in a step that loads (or while an earlier load's outcome is unknown, with
+        asynchronous scheduling) attend to the loaded pages: if any rank's load fails they are
+        garbage. Their saves wait until the workers' report reaches :meth:`update_connector_output`;
+        a finished request keeps its pages meanwhile (:meth:`request_finished`).
+        """
+        meta = LMCacheCoreMetadata()
+        chunk = self._chunk_size
+        for request_id in getattr(scheduler_output, "preempted_req_ids", None) or ():
+            state = self._requests.get(request_id)
+            if state is not None:  # its pages are freed: saves it held are lost, recomputed later
+                state.computed_chunks = state.saved_chunks
+        for request_id, num_scheduled in scheduler_output.num_scheduled_tokens.items():
+            state = self._requests.get(request_id)
+            if state is None or state.finished:
+                continue
+            request = state.request
+            prompt = request.prompt_token_ids or []
+            if state.load_tokens:
+                end = request.num_computed_tokens
+                start = end - state.load_tokens
+                chunk_end = -(-end // chunk) * chunk
+                meta.loads.append(Transfer(request_id, _tokens(prompt, chunk_end), self._block_ids(request_id),
+                                           start, end))
+                state.load_tokens = 0
+                state.unconfirmed_loads += 1
+            if self._save_enabled:
+                ready = min(request.num_computed_tokens + num_scheduled, len(prompt)) // chunk
+                state.computed_chunks = max(state.computed_chunks, ready)
+                self._issue_save(meta, state, None)
+        for request_id in list(self._finishing):
+            state = self._requests[request_id]
+            if state.unconfirmed_loads:
+                continue  # the outcome of its last load is still on its way
+            self._issue_save(meta, state, state.block_ids)
+            meta.released.append(request_id)
+            self._finishing.discard(request_id)
+            del self._requests[request_id]
+        return meta
+
+    def _issue_save(self, meta: LMCacheCoreMetadata, state: _RequestState, block_ids: list[int] | None) -> None:
+        """Save the chunks computed but not stored yet, unless a load they depend on is unconfirmed."""
+        if state.unconfirmed_loads or state.computed_chunks <= state.saved_chunks:
+            return
+        chunk = self._chunk_size
+        request_id = state.request.request_id
+        prompt = state.request.prompt_token_ids or []
+        meta.saves.append(Transfer(
+            request_id, _tokens(prompt, state.computed_chunks * chunk),
+            block_ids if block_ids is not None else self._block_ids(request_id),
+            state.saved_chunks * chunk, state.computed_chunks * chunk,
+        ))
+        state.saved_chunks = state.computed_chunks
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        """The workers' report of a step's loads: confirm them, or roll back to the first failure so
+        that the chunks vLLM recomputes are saved (and none computed over unfilled pages is)."""
+        report = connector_output.kv_connector_worker_meta
+        if not isinstance(report, LMCacheCoreWorkerMeta):
+            return
+        for request_id in report.loaded:
+            state = self._requests.get(request_id)
+            if state is None:
+                continue
+            state.unconfirmed_loads = max(0, state.unconfirmed_loads - 1)
+            failed_from = report.failed_from.get(request_id)
+            if failed_from is not None:
+                first_bad_chunk = failed_from // self._chunk_size
+                state.saved_chunks = min(state.saved_chunks, first_bad_chunk)
+                state.computed_chunks = min(state.computed_chunks, first_bad_chunk)
+
+    def _block_ids(self, request_id: str) -> list[int]:
+        assert self._kv_cache_manager is not None, "vLLM binds its KV-cache manager before scheduling"
+        return list(self._kv_cache_manager.get_block_ids(request_id)[0])
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        """Keep the pages (True) while saves wait on a load's outcome; otherwise every save has
+        already copied its pages (saves complete within their step) and vLLM may free them now."""
+        self._lookups.pop(request.request_id, None)
+        state = self._requests.get(request.request_id)
+        if state is None:
+            return False, None
+        if self._save_enabled and (state.unconfirmed_loads or state.computed_chunks > state.saved_chunks):
+            state.finished = True
+            state.block_ids = list(block_ids)
+            self._finishing.add(request.request_id)
+            return True, None
+        del self._requests[request.request_id]
+        return False, None
+
+    def shutdown(self) -> None:
+        self._control.close()
+        self._client.close()
+
+
+def _tokens(prompt: list[int], end: int) -> np.ndarray:
+    return np.asarray(prompt[:end], dtype=np.uint32)

@@ -1,0 +1,313 @@
+"""The connector's worker half: layout check, cache engine, loads and saves, lookup server, stats.
+
+It runs in each vLLM model worker, which owns the KV pages and the tiers. It goes through the
+engine's key-level API only (:meth:`~lmcache_core.engine.CacheEngine.lookup_keys`, ``load``,
+``save``), which checks every loaded chunk against the layout; vLLM internals it needs come from
+:mod:`.compat`. The protocol is described in :mod:`.connector`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from lmcache_core.backend import Chunk
+from lmcache_core.engine import CacheEngine
+from lmcache_core.integrations.vllm import compat
+from lmcache_core.integrations.vllm.control import EngineControl
+from lmcache_core.integrations.vllm.layouts import CPU_LAYOUTS, cpu_layout_for, detect_layout
+from lmcache_core.integrations.vllm.lookup import LookupServer, socket_path
+from lmcache_core.integrations.vllm.metadata import (
+    LMCacheCoreMetadata,
+    LMCacheCoreStats,
+    LMCacheCoreWorkerMeta,
+    Transfer,
+)
+from lmcache_core.integrations.vllm.paged import PagedLayout, copy_paged_kv, slots_for
+from lmcache_core.keys import CacheScope, KVLayout, config_digest
+from lmcache_core.model_identity import weights_identity
+from lmcache_core.registry import Registry
+from lmcache_core.settings import Settings
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+
+# A child of vLLM's logger, so our lines appear in vLLM's output with its format.
+log = logging.getLogger("vllm.lmcache_core")
+
+_STATS_LOG_INTERVAL_S = 30.0
+
+
+class LMCacheCoreWorker:
+    """The worker-side methods of vLLM's connector API (the facade delegates to them).
+
+    The step's metadata is bound here as on vLLM's connector (``bind_connector_metadata``), so the
+    worker half can run on its own in tests."""
+
+    def __init__(self, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, settings: Settings,
+                 registry: Registry, *, supported: bool) -> None:
+        self._vllm_config = vllm_config
+        self._kv_cache_config = kv_cache_config
+        self._kv_transfer_config = vllm_config.kv_transfer_config
+        self._settings = settings
+        self._registry = registry  # the one the settings were validated against
+        self._supported = supported
+        self._block_size = vllm_config.cache_config.block_size
+        self._chunk_size = settings.chunk_size
+        self._init_state()
+
+    def _init_state(self) -> None:
+        self._engine: CacheEngine | None = None
+        self._server: LookupServer | None = None
+        self._layers: list[torch.Tensor] = []
+        self._layout: PagedLayout | None = None
+        self._connector_metadata: LMCacheCoreMetadata | None = None
+        self._failed_blocks: set[int] = set()
+        self._load_report = LMCacheCoreWorkerMeta()  # this step's loads, for the scheduler
+        self._released: set[str] = set()  # finished requests whose saves are done
+        self._stats: Counter[str] = Counter()
+        self._totals: Counter[str] = Counter()
+        self._last_log = time.monotonic()
+
+    def bind_connector_metadata(self, metadata: KVConnectorMetadata) -> None:
+        assert isinstance(metadata, LMCacheCoreMetadata)
+        self._connector_metadata = metadata
+
+    def clear_connector_metadata(self) -> None:
+        self._connector_metadata = None
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        if not self._supported or not kv_caches:
+            return
+        parallel = self._vllm_config.parallel_config
+        rank, world = compat.worker_rank(parallel)
+        try:
+            self._start_caching(kv_caches, rank, world)
+        except Exception as error:  # never fail vLLM's start: run without the cache, and say so
+            if self._engine is not None:
+                self._engine.close()
+                self._engine = None
+            log.debug("lmcache-core start-up failure", exc_info=True)
+            log.error("lmcache-core: KV caching is OFF (no loads, no saves; generations are unaffected): %s", error)
+        # Served even when caching is off: the scheduler then hears "0 chunks" instead of warning
+        # that it cannot reach this worker.
+        path = socket_path(str(self._kv_transfer_config.engine_id), parallel.data_parallel_rank, rank)
+        self._server = LookupServer(path, self._serve_lookup, control=EngineControl(self._engine))
+        if self._engine is not None and self._layout is not None:
+            log.info("lmcache-core connector (worker %d/%d): layout=%s, %d layers, scope %s, tiers=%s, lookups on %s",
+                     rank, world, self._layout.value, len(self._layers), self._engine.scope.prefix,
+                     ",".join(self._settings.tiers), path)
+
+    def _start_caching(self, kv_caches: dict[str, torch.Tensor], rank: int, world: int) -> None:
+        """Check the cache layout and open the tiers; raises with the reason when caching cannot work."""
+        layout = detect_layout(kv_caches, self._vllm_config)
+        spec = self._kv_cache_config.kv_cache_groups[0].kv_cache_spec
+        num_kv_heads, head_dim, dtype = spec.num_kv_heads, spec.head_size, spec.dtype
+        if layout is PagedLayout.MLA:
+            num_kv_heads = 1
+            head_dim = next(iter(kv_caches.values())).shape[-1]
+        if layout in CPU_LAYOUTS:
+            first_name, first = next(iter(kv_caches.items()))
+            attention = compat.attention_layers(self._vllm_config).get(first_name)
+            model_dtype = self._vllm_config.model_config.dtype
+            kv_cache_dtype = self._vllm_config.cache_config.cache_dtype
+            isa = compat.layer_isa(attention) or compat.cpu_attention_isa(model_dtype, first.shape[2], head_dim,
+                                                                           kv_cache_dtype)
+            layout = cpu_layout_for(isa=isa, dtype=model_dtype, block_size=first.shape[2], num_kv_heads=num_kv_heads,
+                                    head_dim=head_dim, kv_cache_dtype=kv_cache_dtype)
+        kv_layout = KVLayout(len(kv_caches), num_kv_heads, head_dim, str(dtype).removeprefix("torch."),
+                             kv_factor=layout.kv_factor)
+        scope = _cache_scope(self._vllm_config, self._settings, kv_layout, rank, world)
+        self._engine = CacheEngine(self._settings, self._registry, scope)
+        self._layers = list(kv_caches.values())
+        self._layout = layout
+
+    def _serve_lookup(self, tokens: np.ndarray) -> tuple[int, int]:
+        """Runs on the lookup server's thread: (chunks in any tier, of which the first tier serves)."""
+        if self._engine is None:  # caching is off
+            return 0, 0
+        lookup = self._engine.lookup_keys(self._engine.keys(tokens))
+        return lookup.found, next(iter(lookup.by_tier.values()), 0)  # by_tier lists the fastest tier first
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        meta = self._connector_metadata
+        if meta is None or not meta.loads:
+            return
+        self._load_report.loaded.update(transfer.request_id for transfer in meta.loads)
+        if self._engine is None:
+            for transfer in meta.loads:  # never promised by a lookup; be safe anyway
+                self._fail(transfer, transfer.start)
+            return
+        started = time.perf_counter()
+        chunk = self._chunk_size
+        pieces: list[torch.Tensor] = []
+        slots: list[torch.Tensor] = []
+        for transfer in meta.loads:
+            first = transfer.start // chunk
+            loaded = self._engine.load(self._engine.keys(transfer.tokens)[first:])
+            for tier, hits in loaded.hits_by_tier.items():
+                if hits:
+                    self._stats[f"hit_tokens_{tier}"] += hits * chunk
+            chunks = [kv for kv in loaded.chunks if kv is not None]  # prefix mode: no gaps
+            loaded_end = min(transfer.end, (first + len(chunks)) * chunk)
+            if loaded_end < transfer.end:
+                self._fail(transfer, loaded_end)
+            if loaded_end <= transfer.start:
+                continue
+            kv = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=2)
+            offset = first * chunk
+            pieces.append(kv[:, :, transfer.start - offset : loaded_end - offset])
+            slots.append(slots_for(transfer.block_ids, self._block_size, transfer.start, loaded_end))
+        if pieces:
+            buffer = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
+            assert self._layout is not None
+            copy_paged_kv(self._layers, buffer, torch.cat(slots), self._layout, "load")
+            self._stats["load_tokens"] += buffer.shape[2]
+            self._stats["load_bytes"] += buffer.nbytes
+        self._stats["load_s"] += time.perf_counter() - started
+
+    def _fail(self, transfer: Transfer, from_token: int) -> None:
+        """Report the pages of tokens ``[from_token, end)`` as not loaded: vLLM recomputes them."""
+        first_block = from_token // self._block_size
+        last_block = (transfer.end - 1) // self._block_size
+        self._failed_blocks.update(transfer.block_ids[first_block : last_block + 1])
+        self._stats["failed_load_tokens"] += transfer.end - from_token
+        failed = self._load_report.failed_from
+        failed[transfer.request_id] = min(from_token, failed.get(transfer.request_id, from_token))
+
+    def wait_for_save(self) -> None:
+        meta = self._connector_metadata
+        if meta is None:
+            return
+        if meta.saves and self._engine is not None:
+            self._save(meta.saves)
+        # Saves copy the pages synchronously: the released requests' pages may be freed now.
+        self._released.update(meta.released)
+        self._maybe_log()
+
+    def _save(self, saves: list[Transfer]) -> None:
+        """Gather each completed chunk from the pages into a buffer of its own and hand the buffers
+        over to the engine (``owned``): the cpu tier keeps them as they are, without a second copy."""
+        assert self._engine is not None and self._layout is not None
+        started = time.perf_counter()
+        chunk = self._chunk_size
+        layout = self._engine.scope.layout
+        dtype = getattr(torch, layout.dtype)
+        chunks: list[Chunk] = []
+        for transfer in saves:
+            keys = self._engine.keys(transfer.tokens[: transfer.end])  # later chunks: not needed
+            for index in range(transfer.start // chunk, transfer.end // chunk):
+                start = index * chunk
+                buffer = torch.empty(layout.chunk_shape(chunk), dtype=dtype)
+                slots = slots_for(transfer.block_ids, self._block_size, start, start + chunk)
+                copy_paged_kv(self._layers, buffer, slots, self._layout, "save")
+                chunks.append(Chunk(keys[index], buffer, index, owned=True, first_position=start))
+        self._engine.save(chunks)
+        self._stats["save_tokens"] += len(chunks) * chunk
+        self._stats["save_bytes"] += sum(c.kv.nbytes for c in chunks)
+        self._stats["save_s"] += time.perf_counter() - started
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        """Requests whose pages vLLM kept for our saves (``request_finished`` returned True) and
+        whose saves are done."""
+        released, self._released = self._released, set()
+        return released or None, None
+
+    def build_connector_worker_meta(self) -> LMCacheCoreWorkerMeta | None:
+        report, self._load_report = self._load_report, LMCacheCoreWorkerMeta()
+        return report if report.loaded else None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        failed, self._failed_blocks = self._failed_blocks, set()
+        return failed
+
+    def get_kv_connector_stats(self) -> LMCacheCoreStats | None:
+        if not self._stats:
+            return None
+        stats = LMCacheCoreStats(data=dict(self._stats))
+        self._totals.update(self._stats)
+        self._stats.clear()
+        return stats
+
+    def _maybe_log(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_log < _STATS_LOG_INTERVAL_S:
+            return
+        self._last_log = now
+        totals = self._totals + self._stats
+        if totals:
+            log.info("lmcache-core totals: %s", LMCacheCoreStats(data=dict(totals)).reduce())
+
+    def shutdown(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        if self._engine is not None:
+            self._maybe_log(force=True)
+            self._engine.close()  # waits for the background writes to disk/remote tiers
+            self._engine = None
+
+
+def _model_identity(vllm_config: VllmConfig, settings: Settings) -> tuple[str, str]:
+    """A stable model name (``LMCACHE_MODEL_NAME``, else vLLM's model, never a local path: a restart
+    from another folder must still hit) and a digest of what the model computes with: its config,
+    its weights (:mod:`lmcache_core.model_identity`, or the operator's ``LMCACHE_MODEL_REVISION``),
+    the dtype it runs in and any online quantization. Two checkpoints published under one name, or a
+    fine-tune in a folder of the same name, must not share KV."""
+    model_config = vllm_config.model_config
+    name = str(settings.model_name or model_config.model).rstrip("/")
+    if name.startswith("/") or name.startswith("."):
+        name = name.rsplit("/", 1)[-1]
+    config = {
+        key: value
+        for key, value in model_config.hf_config.to_dict().items()
+        if not key.startswith("_") and key != "transformers_version"
+    }
+    config["revision"] = model_config.revision
+    config["dtype"] = str(model_config.dtype)
+    config["quantization"] = model_config.quantization
+    config["weights"] = weights_identity(
+        str(model_config.model), revision=model_config.revision,
+        cache_dir=vllm_config.load_config.download_dir, override=settings.model_revision,
+    )
+    if config["weights"] is None:
+        log.warning("lmcache-core cannot identify the weights of %s (neither a folder of weight files nor a hub "
+                    "snapshot): keys cover its name, config and revision only; set LMCACHE_MODEL_REVISION and "
+                    "change it whenever the weights change", model_config.model)
+    return name, config_digest(config)
+
+
+def _kv_format(vllm_config: VllmConfig) -> str:
+    """How vLLM encodes KV values beyond their dtype: ``--kv-cache-dtype`` (fp8_e4m3 and fp8_e5m2
+    caches are both uint8), the layers it leaves unquantized, and the per-layer K/V scales that
+    quantized caches are written with. ``"auto"`` when the cache keeps the model's dtype."""
+    cache_config = vllm_config.cache_config
+    cache_dtype = str(cache_config.cache_dtype)
+    skipped = sorted(getattr(cache_config, "kv_cache_dtype_skip_layers", None) or [])
+    if cache_dtype == "auto" and not skipped:
+        return "auto"
+    parts = [cache_dtype]
+    if skipped:
+        parts.append("skip=" + ",".join(skipped))
+    scales = sorted(
+        (name, *scale)
+        for name, layer in compat.attention_layers(vllm_config).items()
+        if (scale := compat.kv_scales(layer)) is not None
+    )
+    if scales:
+        parts.append("scales=" + config_digest(json.dumps(scales)))
+    return ";".join(parts)
+
+
+def _cache_scope(vllm_config: VllmConfig, settings: Settings, layout: KVLayout, rank: int, world: int) -> CacheScope:
+    """Everything this worker's KV depends on besides the token ids (see :class:`CacheScope`)."""
+    model_name, model_digest = _model_identity(vllm_config, settings)
+    kv_format = _kv_format(vllm_config)
+    return CacheScope(settings.namespace, model_name, model_digest, layout, rank, world, kv_format=kv_format)
