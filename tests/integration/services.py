@@ -317,9 +317,14 @@ def redis_url(redis_server: RedisServer) -> str:
 @pytest.fixture(scope="session")
 def redis_cluster(session_servers: _Servers) -> list[RedisServer]:
     """A three-master Redis Cluster (no replicas), created with ``redis-cli --cluster create``."""
+    return start_redis_cluster(session_servers, node_timeout_ms=2000)
+
+
+def start_redis_cluster(servers: _Servers, node_timeout_ms: int) -> list[RedisServer]:
+    """Three masters (no replicas) joined with ``redis-cli --cluster create``, once they agree."""
     nodes = [
-        session_servers.start(RedisServer, "--cluster-enabled", "yes", "--cluster-node-timeout", "2000",
-                              port=free_port(with_bus_port=True))
+        servers.start(RedisServer, "--cluster-enabled", "yes", "--cluster-node-timeout", str(node_timeout_ms),
+                      port=free_port(with_bus_port=True))
         for _ in range(3)
     ]
     cli = shutil.which("redis-cli", path=str(Path(_redis_binary() or "redis-server").parent)) or shutil.which(
@@ -524,23 +529,5 @@ def private_redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     """A three-master Redis Cluster of this test's own, for tests that pause a node (the shared
     ``redis_cluster`` must stay up). A long node timeout keeps a short pause from failing it."""
     servers = _Servers(tmp_path_factory)
-    nodes = [
-        servers.start(RedisServer, "--cluster-enabled", "yes", "--cluster-node-timeout", "60000",
-                      port=free_port(with_bus_port=True))
-        for _ in range(3)
-    ]
-    cli = shutil.which("redis-cli", path=str(Path(_redis_binary() or "redis-server").parent)) or shutil.which(
-        "redis-cli")
-    if cli is None:
-        service_unavailable("redis-cli is not installed (it comes with redis-server / redis-tools)")
-    subprocess.run(
-        [cli, "--cluster", "create", *(f"127.0.0.1:{node.port}" for node in nodes), "--cluster-yes"],
-        check=True, capture_output=True, timeout=60,
-    )
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while not all(b"cluster_state:ok" in node.call("CLUSTER", "INFO") for node in nodes):
-        if time.monotonic() > deadline:
-            service_unavailable("the redis cluster did not reach cluster_state:ok")
-        time.sleep(0.1)
-    yield nodes
+    yield start_redis_cluster(servers, node_timeout_ms=60000)
     servers.stop_all()

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from lmcache_core.errors import LMCacheError
 from lmcache_core.integrations.vllm.lookup import (
     LookupClient,
+    accept_this_users_connections,
     encode_control,
     engine_tag,
     is_abstract,
@@ -161,16 +162,7 @@ class ControlServer:
 
     def _accept(self) -> None:
         assert self._listener is not None
-        while not self._closed.is_set():
-            try:
-                connection = self._listener.accept()
-            except OSError:
-                return  # closed
-            if not peer_is_this_user(connection):
-                log.warning("lmcache-core: refused a control connection from another user")
-                connection.close()
-                continue
-            threading.Thread(target=self._serve, args=(connection,), name="lmcache-control-conn", daemon=True).start()
+        accept_this_users_connections(self._listener, self._closed, self._serve, "control connection")
 
     def _serve(self, connection: Connection) -> None:
         with connection:

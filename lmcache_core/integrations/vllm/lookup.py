@@ -142,6 +142,23 @@ def peer_is_this_user(connection: Connection) -> bool:
     return uid == os.getuid()
 
 
+def accept_this_users_connections(
+    listener: Listener, closed: threading.Event, serve: Callable[[Connection], None], what: str
+) -> None:
+    """Accept connections until ``listener`` closes, each served on a thread of its own; a peer
+    running as another user is refused (abstract sockets have no file permissions to stop it)."""
+    while not closed.is_set():
+        try:
+            connection = listener.accept()
+        except OSError:
+            return  # closed
+        if not peer_is_this_user(connection):
+            log.warning("lmcache-core: refused a %s from another user", what)
+            connection.close()
+            continue
+        threading.Thread(target=serve, args=(connection,), name="lmcache-conn", daemon=True).start()
+
+
 class LookupServer:
     """Answers lookups (and, with ``control``, control requests) for one worker on a background
     thread per connection.
@@ -170,16 +187,7 @@ class LookupServer:
 
     def _accept(self) -> None:
         assert self._listener is not None
-        while not self._closed.is_set():
-            try:
-                connection = self._listener.accept()
-            except OSError:
-                return  # closed
-            if not peer_is_this_user(connection):
-                log.warning("lmcache-core: refused a lookup connection on %r from another user", self.path)
-                connection.close()
-                continue
-            threading.Thread(target=self._serve, args=(connection,), name="lmcache-lookup-conn", daemon=True).start()
+        accept_this_users_connections(self._listener, self._closed, self._serve, f"lookup connection on {self.path!r}")
 
     def _serve(self, connection: Connection) -> None:
         with connection:
