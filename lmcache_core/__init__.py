@@ -7,7 +7,7 @@ Importing this package imports no storage client (redis, s3fs) and no serving en
 from importlib.metadata import PackageNotFoundError, version
 
 from lmcache_core.backend import BackendContext, BackendSettings, Chunk, SerializingBackend, StorageBackend
-from lmcache_core.engine import CacheEngine, build_backends
+from lmcache_core.engine import CacheEngine, LoadResult, Lookup, build_backends
 from lmcache_core.errors import (
     BackendUnavailableError,
     CorruptEntryError,
@@ -43,6 +43,8 @@ __all__ = [
     "CorruptEntryError",
     "KVLayout",
     "LMCacheError",
+    "LoadResult",
+    "Lookup",
     "MissingExtraError",
     "PluginError",
     "SerializingBackend",
