@@ -29,7 +29,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from itertools import islice
-from multiprocessing.connection import Client, Connection, Listener
+from multiprocessing.connection import Client, Listener
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -162,23 +162,14 @@ class ControlServer:
 
     def _accept(self) -> None:
         assert self._listener is not None
-        accept_this_users_connections(self._listener, self._closed, self._serve, "control connection")
+        accept_this_users_connections(self._listener, self._closed, self._answer_bytes, "control connection")
 
-    def _serve(self, connection: Connection) -> None:
-        with connection:
-            while not self._closed.is_set():
-                try:
-                    request = connection.recv_bytes()
-                except (EOFError, OSError):
-                    return
-                try:
-                    answer = self.answer(json.loads(request))
-                except Exception as error:
-                    answer = {"error": f"{type(error).__name__}: {error}"}
-                try:
-                    connection.send_bytes(json.dumps(answer, default=str).encode())
-                except OSError:
-                    return
+    def _answer_bytes(self, request: bytes) -> bytes:
+        try:
+            answer = self.answer(json.loads(request))
+        except Exception as error:
+            answer = {"error": f"{type(error).__name__}: {error}"}
+        return json.dumps(answer, default=str).encode()
 
     def answer(self, request: Any) -> dict[str, Any]:
         """The answer to one control request: the instance's ``info``, or every rank's answer."""

@@ -143,9 +143,10 @@ def peer_is_this_user(connection: Connection) -> bool:
 
 
 def accept_this_users_connections(
-    listener: Listener, closed: threading.Event, serve: Callable[[Connection], None], what: str
+    listener: Listener, closed: threading.Event, answer: Callable[[bytes], bytes], what: str
 ) -> None:
-    """Accept connections until ``listener`` closes, each served on a thread of its own; a peer
+    """Accept connections until ``listener`` closes, each served on a thread of its own, which
+    replies ``answer(request)`` to every request until the peer goes or ``closed`` is set. A peer
     running as another user is refused (abstract sockets have no file permissions to stop it)."""
     while not closed.is_set():
         try:
@@ -156,7 +157,22 @@ def accept_this_users_connections(
             log.warning("lmcache-core: refused a %s from another user", what)
             connection.close()
             continue
-        threading.Thread(target=serve, args=(connection,), name="lmcache-conn", daemon=True).start()
+        threading.Thread(target=_answer_requests, args=(connection, closed, answer), name="lmcache-conn",
+                         daemon=True).start()
+
+
+def _answer_requests(connection: Connection, closed: threading.Event, answer: Callable[[bytes], bytes]) -> None:
+    with connection:
+        while not closed.is_set():
+            try:
+                request = connection.recv_bytes()
+            except (EOFError, OSError):
+                return
+            reply = answer(request)
+            try:
+                connection.send_bytes(reply)
+            except OSError:
+                return
 
 
 class LookupServer:
@@ -187,20 +203,11 @@ class LookupServer:
 
     def _accept(self) -> None:
         assert self._listener is not None
-        accept_this_users_connections(self._listener, self._closed, self._serve, f"lookup connection on {self.path!r}")
+        accept_this_users_connections(self._listener, self._closed, self._answer, f"lookup connection on {self.path!r}")
 
-    def _serve(self, connection: Connection) -> None:
-        with connection:
-            while not self._closed.is_set():
-                try:
-                    request = connection.recv_bytes()
-                except (EOFError, OSError):
-                    return
-                reply = self._answer_control(request) if len(request) % 4 else self._answer_lookup(request)
-                try:
-                    connection.send_bytes(reply)
-                except OSError:
-                    return
+    def _answer(self, request: bytes) -> bytes:
+        """Lookups are whole uint32s; a control request never is (see ``encode_control``)."""
+        return self._answer_control(request) if len(request) % 4 else self._answer_lookup(request)
 
     def _answer_lookup(self, request: bytes) -> bytes:
         tokens = np.frombuffer(request, dtype="<u4")
