@@ -8,11 +8,9 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import tempfile
 import time
 import uuid
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -40,22 +38,6 @@ def vllm_side() -> Any:
 
         from lmcache_core.integrations.vllm import connector
     return SimpleNamespace(module=connector, role=KVConnectorRole)
-
-
-@pytest.fixture
-def socket_base(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
-    monkeypatch.setenv("TMPDIR", str(tmp_path))
-    monkeypatch.setattr(tempfile, "tempdir", None)
-    return tmp_path
-
-
-@pytest.fixture
-def servers() -> Iterator[list[LookupServer]]:
-    started: list[LookupServer] = []
-    yield started
-    for server in started:
-        server.close()
 
 
 def scheduler_connector(vllm_side: Any, **extra: Any) -> Any:

@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from multiprocessing.connection import Client, Listener
 from pathlib import Path
 
 import numpy as np
 import pytest
+from lookup_support import answer_of
 
 from lmcache_core.integrations.vllm.lookup import LookupClient, LookupServer, socket_path
 
@@ -35,36 +34,8 @@ def engine_id() -> str:
     return str(uuid.uuid4())
 
 
-@pytest.fixture
-def socket_base(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A fresh TMPDIR for the socket directory (and no XDG_RUNTIME_DIR), so tests may break it."""
-    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
-    monkeypatch.setenv("TMPDIR", str(tmp_path))
-    monkeypatch.setattr(tempfile, "tempdir", None)  # gettempdir() caches its first answer
-    return tmp_path
-
-
 def serve(paths_and_functions: list[tuple[str, object]]) -> list[LookupServer]:
     return [LookupServer(path, function) for path, function in paths_and_functions]  # type: ignore[arg-type]
-
-
-@pytest.fixture
-def servers() -> Iterator[list[LookupServer]]:
-    started: list[LookupServer] = []
-    yield started
-    for server in started:
-        server.close()
-
-
-def answer_of(client: LookupClient, tokens: list[int], within_s: float = 5.0) -> tuple[int, int]:
-    """Ask again, as vLLM's scheduler does every step, until the client has an answer."""
-    give_up = time.monotonic() + within_s
-    while time.monotonic() < give_up:
-        answer = client.lookup(tokens)
-        if answer is not None:
-            return answer
-        time.sleep(0.01)
-    raise AssertionError(f"no answer within {within_s} s")
 
 
 # --- defect 11: a slow worker must not hold vLLM's scheduler thread ------------------------------

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import time
 import warnings
 from types import SimpleNamespace
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from lookup_support import answer_of
 
 pytestmark = [
     pytest.mark.faults,
@@ -59,16 +59,6 @@ def cpu_worker(module: Any, kv_cache_dtype: str) -> Any:
     return worker
 
 
-def ask(client: Any, tokens: np.ndarray) -> Any:
-    """The client's answer, waiting while it says "not ready yet" (None)."""
-    for _ in range(500):
-        answer = client.lookup(tokens)
-        if answer is not None:
-            return answer
-        time.sleep(0.01)
-    return None
-
-
 def test_caching_off_is_one_error_line_in_vllms_log_and_lookups_answer_zero(
     connector_module: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -89,7 +79,7 @@ def test_caching_off_is_one_error_line_in_vllms_log_and_lookups_answer_zero(
         client = LookupClient([socket_path("caching-off-test", 0, 0)])
         try:
             for _ in range(3):
-                assert ask(client, np.arange(256, dtype=np.uint32)) == (0, 0)
+                assert answer_of(client, np.arange(256, dtype=np.uint32)) == (0, 0)
         finally:
             client.close()
         # The scheduler reached the worker: no "lookup ... failed: cannot connect" warnings.

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import time
 import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
+from lookup_support import answer_of
 
 from lmcache_core.integrations.vllm.lookup import LookupClient, LookupServer, socket_path
 
@@ -45,16 +45,6 @@ def test_client_takes_the_smallest_answer_over_ranks(engine_id: str) -> None:
         for server in servers:
             server.close()
     assert not any(os.path.exists(server.path) for server in servers)
-
-
-def answer_of(client: LookupClient, tokens: list[int]) -> tuple[int, int] | None:
-    """Ask until answered, as vLLM's scheduler asks again each step while the answer is late."""
-    for _ in range(500):
-        answer = client.lookup(tokens)
-        if answer is not None:
-            return answer
-        time.sleep(0.01)
-    return None
 
 
 def test_a_failing_or_missing_worker_is_a_miss(engine_id: str) -> None:
