@@ -122,6 +122,7 @@ class CacheEngine:
             build_backends(settings, registry),
             write_queue_size=settings.write_queue_size,
             write_queue_max_bytes=settings.write_queue_max_bytes,
+            writes_between_steps=settings.writes_between_steps,
         )
 
     @classmethod
@@ -176,6 +177,15 @@ class CacheEngine:
         copy and ``kv`` may be a view of memory the caller reuses (a KV cache's pages).
         """
         self.stack.put_many(chunks)
+
+    def step_started(self) -> None:
+        """The caller's compute step (e.g. vLLM's forward pass) begins: background writes to lower
+        tiers wait until :meth:`step_finished` (bounded; see :class:`~lmcache_core.storage.TierStack`),
+        so they do not compete with it for the cores."""
+        self.stack.step_started()
+
+    def step_finished(self) -> None:
+        self.stack.step_finished()
 
     def lookup(self, tokens: Sequence[int] | np.ndarray | torch.Tensor) -> int:
         """How many leading tokens of ``tokens`` have KV stored in some tier."""

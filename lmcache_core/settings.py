@@ -97,6 +97,12 @@ class Settings(BaseSettings):
         description="KV bytes that background writes to all lower tiers may hold at once, copies included, on top "
         "of the cpu tier's max_size; writes beyond it are dropped and counted (dropped_writes).",
     )
+    writes_between_steps: bool = Field(
+        True,
+        description="vLLM: background writes to lower tiers wait for gaps between forward passes (at most 5 s, or "
+        "until the queues hold half of write_queue_max_bytes), so they do not slow the forward pass on machines "
+        "with few cores; false writes at once.",
+    )
     lookup_wait_ms: int = Field(
         20, ge=0, le=1000,
         description="vLLM: how long the scheduler waits for the workers' lookup answer per call; a later answer "

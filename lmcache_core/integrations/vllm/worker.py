@@ -80,6 +80,10 @@ class LMCacheCoreWorker:
     def bind_connector_metadata(self, metadata: KVConnectorMetadata) -> None:
         assert isinstance(metadata, LMCacheCoreMetadata)
         self._connector_metadata = metadata
+        # vLLM binds the metadata right before the forward pass and calls wait_for_save right after
+        # it (start_load_kv may come after the forward): the step's bounds for background writes.
+        if self._engine is not None:
+            self._engine.step_started()
 
     def clear_connector_metadata(self) -> None:
         self._connector_metadata = None
@@ -189,6 +193,8 @@ class LMCacheCoreWorker:
             return
         if meta.saves and self._engine is not None:
             self._save(meta.saves)
+        if self._engine is not None:
+            self._engine.step_finished()
         # Saves copy the pages synchronously: the released requests' pages may be freed now.
         self._released.update(meta.released)
         self._maybe_log()
