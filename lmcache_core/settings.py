@@ -113,12 +113,13 @@ class Settings(BaseSettings):
         description="vLLM: a lookup answer later than this counts as a miss (recompute), so a slow tier never holds "
         "a request back longer.",
     )
-    # LMCache's names for features this release does not have yet, accepted with LMCache's meaning
+    # LMCache's names, with LMCache's meaning; those for features this release does not have yet are accepted
     # (one name, one setting: the variables are LMCACHE_SAVE_DECODE_CACHE, LMCACHE_BLEND_MIN_TOKENS...)
     # so that a container configured for LMCache starts; switching one on logs that it has no effect yet.
     save_decode_cache: bool = Field(
-        False, description="Also store the KV of generated tokens (multi-turn chat), as LMCache's variable of the "
-        "same name. Accepted; takes effect in a later release.",
+        True, description="vLLM: also store the KV of generated tokens, so the next turn of a chat, which sends the "
+        "answer back in its prompt, hits through the end of that answer (up to its last full chunk). LMCache's "
+        "variable of the same name; on by default here.",
     )
     use_layerwise: bool = Field(
         False, description="Load and save layer by layer, pipelined with the forward pass, as LMCache's variable of "
@@ -257,7 +258,7 @@ class Settings(BaseSettings):
 
 
 # Settings above that are accepted with LMCache's meaning but do nothing yet.
-NOT_YET_IMPLEMENTED = ("save_decode_cache", "use_layerwise", "enable_async_loading", "enable_blending")
+NOT_YET_IMPLEMENTED = ("use_layerwise", "enable_async_loading", "enable_blending")
 
 
 # --- legacy LMCache names ----------------------------------------------------------------------

@@ -47,10 +47,14 @@ BATCH = [PROMPT_4K[:2000] + random_prompt(4, 700), OTHER, OTHER[:1500] + random_
 # while they decode and resume them later (reloading their prompts from our tiers).
 CROWD = [random_prompt(10 + i, 1400) for i in range(4)]
 CROWD_MAX_TOKENS = 300
-ROUNDS: list[list[list[int] | str]] = [
-    [PROMPT_4K], [PROMPT_4K], [PROMPT_LONG], [PROMPT_LONG], BATCH, BATCH, CROWD, CROWD,
+# A chat: turn 2 sends turn 1's prompt, the answer vLLM generated to it, and a new question.
+CHAT_TURN_1 = random_prompt(20, 1000)
+CHAT_ANSWER_TOKENS = 300
+CHAT_TURN_2 = {"after": [8, 0], "append": random_prompt(21, 50)}
+ROUNDS: list[list[list[int] | str | dict[str, Any]]] = [
+    [PROMPT_4K], [PROMPT_4K], [PROMPT_LONG], [PROMPT_LONG], BATCH, BATCH, CROWD, CROWD, [CHAT_TURN_1], [CHAT_TURN_2],
 ]
-MAX_TOKENS = [8] * 6 + [CROWD_MAX_TOKENS] * 2
+MAX_TOKENS = [8] * 6 + [CROWD_MAX_TOKENS] * 2 + [CHAT_ANSWER_TOKENS, 8]
 TIGHT_KV_BLOCKS = 40  # 5120 tokens
 
 
@@ -148,6 +152,17 @@ def test_new_vllm_process_finds_chunks_on_the_disk_tier(
     assert_same_generation(local, baseline["rounds"][0]["requests"][0])
 
 
+def test_next_chat_turn_hits_through_the_previous_answer(first_run: dict[str, Any], baseline: dict[str, Any]) -> None:
+    """Generated tokens are saved (LMCACHE_SAVE_DECODE_CACHE, on by default): turn 2 loads turn 1's
+    prompt and answer up to the answer's last full chunk, not only turn 1's prompt."""
+    turn_2 = first_run["rounds"][9]["requests"][0]
+    assert turn_2["prompt_tokens"] == len(CHAT_TURN_1) + CHAT_ANSWER_TOKENS + 50
+    answer_end = (len(CHAT_TURN_1) + CHAT_ANSWER_TOKENS - 1) // CHUNK * CHUNK  # the last token's KV is never computed
+    assert answer_end > len(CHAT_TURN_1) // CHUNK * CHUNK  # more than the prompt's chunks
+    assert turn_2["num_cached_tokens"] == expected_hit([0] * turn_2["prompt_tokens"]) == answer_end == 1280
+    assert_same_generation(turn_2, baseline["rounds"][9]["requests"][0])
+
+
 @pytest.fixture(scope="module")  # stopped with this module: later tests see no running instance
 def server(model_path: str, plugin_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Any:
     """vLLM's OpenAI-compatible server as users run it in containers: the connector named on the
@@ -160,7 +175,8 @@ def server(model_path: str, plugin_env: dict[str, str], tmp_path_factory: pytest
 def test_preemption_under_kv_pressure(restarted_run: dict[str, Any], baseline: dict[str, Any]) -> None:
     assert len(CROWD) * (len(CROWD[0]) + CROWD_MAX_TOKENS) > TIGHT_KV_BLOCKS * BLOCK
     assert restarted_run["metrics"]["vllm:num_preemptions"] > 0
-    for got, want in zip(requests_of(restarted_run)[2:], requests_of(baseline)[-8:], strict=True):
+    crowd_rounds = [request for round_ in baseline["rounds"][6:8] for request in round_["requests"]]
+    for got, want in zip(requests_of(restarted_run)[2:], crowd_rounds, strict=True):
         assert_same_generation(got, want)
 
 

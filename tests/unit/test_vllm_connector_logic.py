@@ -47,9 +47,10 @@ class FakeClient:
 
 
 def request(prompt: list[int], request_id: str = "r1", computed: int = 0) -> SimpleNamespace:
+    """A vLLM request; ``all_token_ids`` grows with the tokens a test appends as generated."""
     return SimpleNamespace(
         request_id=request_id, prompt_token_ids=prompt, num_prompt_tokens=len(prompt), num_computed_tokens=computed,
-        mm_features=None, lora_request=None, cache_salt=None,
+        all_token_ids=list(prompt), mm_features=None, lora_request=None, cache_salt=None,
     )
 
 
@@ -57,6 +58,7 @@ def scheduler(vllm_side: Any, found: int = 0, first_tier: int = 0, tiers: tuple[
     connector = vllm_side.module.LMCacheCoreScheduler.__new__(vllm_side.module.LMCacheCoreScheduler)
     connector._chunk_size, connector._block_size = CHUNK, BLOCK
     connector._load_enabled = connector._save_enabled = connector._supported = True
+    connector._save_generated = True
     connector._settings = SimpleNamespace(tiers=list(tiers))
     from lmcache_core.integrations.vllm.scheduler import tier_hit_sources
 
@@ -384,3 +386,70 @@ def test_context_parallelism_turns_caching_off_with_a_reason(vllm_side: Any, set
     reason = unsupported(parallel_config(**{setting: 2}), one_group)
     assert reason is not None and setting in reason
     assert "2 KV-cache groups" in unsupported(parallel_config(), SimpleNamespace(kv_cache_groups=[1, 2]))
+
+
+# --- saving generated tokens (LMCACHE_SAVE_DECODE_CACHE) ------------------------------------------
+
+
+def decode(connector: Any, running: Any, steps: int, next_token: int = 7) -> list[tuple[int, int]]:
+    """``steps`` decode steps as vLLM runs them: the step is built, then the token it samples is
+    appended and ``num_computed_tokens`` advanced; returns the spans saved."""
+    saved = []
+    for _ in range(steps):
+        meta = connector.build_connector_meta(SimpleNamespace(num_scheduled_tokens={running.request_id: 1}))
+        saved += spans(meta.saves)
+        running.num_computed_tokens += 1
+        running.all_token_ids.append(next_token)
+    return saved
+
+
+def prefilled(connector: Any, prompt_len: int) -> Any:
+    running = request(list(range(prompt_len)))
+    connector.get_num_new_matched_tokens(running, 0)
+    connector.update_state_after_alloc(running, None, 0)
+    connector.build_connector_meta(SimpleNamespace(num_scheduled_tokens={"r1": prompt_len}))
+    running.num_computed_tokens = prompt_len
+    running.all_token_ids.append(7)  # the first generated token
+    return running
+
+
+def test_chunks_completed_by_generated_tokens_are_saved_with_their_ids(vllm_side: Any) -> None:
+    connector = scheduler(vllm_side)
+    running = prefilled(connector, 40)  # 1 prompt chunk saved; tokens 32..39 wait for 24 more
+    assert decode(connector, running, 24) == []  # token 63's KV is written by the 24th decode step
+    meta = connector.build_connector_meta(SimpleNamespace(num_scheduled_tokens={"r1": 1}))
+    assert spans(meta.saves) == [(32, 64)]  # one step later: every token of the chunk accepted
+    assert list(meta.saves[0].tokens) == list(running.all_token_ids[:64])
+
+
+def test_the_answers_last_full_chunk_is_saved_when_the_request_ends(vllm_side: Any) -> None:
+    connector = scheduler(vllm_side)
+    running = prefilled(connector, 40)
+    decode(connector, running, 24)  # finishes here: tokens 0..63 computed, the chunk not saved yet
+    assert connector.request_finished(running, [1, 2, 3, 4]) == (True, None)  # pages kept for the save
+    meta = connector.build_connector_meta(SimpleNamespace(num_scheduled_tokens={}))
+    assert spans(meta.saves) == [(32, 64)] and meta.saves[0].block_ids == [1, 2, 3, 4]
+    assert meta.released == ["r1"]
+
+
+def test_tokens_scheduled_but_not_yet_accepted_are_not_saved(vllm_side: Any) -> None:
+    connector = scheduler(vllm_side)
+    running = prefilled(connector, 60)
+    # a step with 4 speculative tokens completing the chunk: their ids are not accepted yet
+    meta = connector.build_connector_meta(SimpleNamespace(num_scheduled_tokens={"r1": 5}))
+    assert meta.saves == []
+    running.num_computed_tokens += 2  # the verification accepted one draft and rejected three
+    running.all_token_ids += [8, 9]
+    assert spans(connector.build_connector_meta(SimpleNamespace(num_scheduled_tokens={"r1": 3})).saves) == []
+    running.num_computed_tokens += 2
+    running.all_token_ids += [10, 11]
+    meta = connector.build_connector_meta(SimpleNamespace(num_scheduled_tokens={"r1": 1}))
+    assert spans(meta.saves) == [(32, 64)] and list(meta.saves[0].tokens[60:]) == [7, 8, 9, 10]
+
+
+def test_save_decode_cache_off_saves_prompt_chunks_only(vllm_side: Any) -> None:
+    connector = scheduler(vllm_side)
+    connector._save_generated = False
+    running = prefilled(connector, 40)
+    assert decode(connector, running, 40) == []
+    assert connector.request_finished(running, [1]) == (False, None)

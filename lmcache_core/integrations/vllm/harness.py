@@ -48,9 +48,11 @@ class EngineSpec:
 
 @dataclass
 class Workload:
-    """Rounds of prompts (token-id lists or text); each round is submitted as one batch."""
+    """Rounds of prompts; each round is submitted as one batch. A prompt is a token-id list, a text,
+    or a chat's next turn: ``{"after": [round, position], "append": [ids]}`` is that earlier
+    request's prompt, then the tokens it generated, then ``append``."""
 
-    rounds: list[list[list[int] | str]]
+    rounds: list[list[list[int] | str | dict[str, Any]]]
     max_tokens: int = 8
     logprobs: bool = True
     labels: list[list[str]] | None = None
@@ -117,12 +119,15 @@ def _child(spec_path: str, result_path: str) -> None:
         **kwargs,
     )
     startup_s = time.perf_counter() - started
-    rounds = []
+    rounds: list[dict[str, Any]] = []
+    sent: list[list[Any]] = []  # the prompts as sent, per round
     for index, prompts in enumerate(workload.rounds):
         max_tokens = workload.round_max_tokens[index] if workload.round_max_tokens else workload.max_tokens
         params = SamplingParams(
             max_tokens=max_tokens, temperature=0.0, ignore_eos=True, logprobs=1 if workload.logprobs else None
         )
+        prompts = [_next_turn(p, sent, rounds) if isinstance(p, dict) else p for p in prompts]
+        sent.append(prompts)
         inputs = [{"prompt_token_ids": p} if isinstance(p, list) else p for p in prompts]
         round_started = time.perf_counter()
         outputs = llm.generate(inputs, params, use_tqdm=False)
@@ -150,6 +155,14 @@ def _child(spec_path: str, result_path: str) -> None:
         if ("prefix_cache" in metric.name or "preemption" in metric.name) and hasattr(metric, "value")
     }
     Path(result_path).write_text(json.dumps({"startup_s": startup_s, "rounds": rounds, "metrics": metrics}))
+
+
+def _next_turn(turn: dict[str, Any], sent: list[list[Any]], rounds: list[dict[str, Any]]) -> list[int]:
+    round_, position = turn["after"]
+    earlier = sent[round_][position]
+    if not isinstance(earlier, list):
+        raise ValueError("a next turn must follow a prompt given as token ids")
+    return [*earlier, *rounds[round_]["requests"][position]["token_ids"], *turn["append"]]
 
 
 if __name__ == "__main__":

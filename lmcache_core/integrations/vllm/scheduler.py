@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -48,8 +49,8 @@ class _Lookup:
 @dataclass
 class _RequestState:
     request: Request
-    saved_chunks: int  # prompt chunks known to be stored (found by the lookup, or saved by us)
-    computed_chunks: int = 0  # prompt chunks in the pages once the steps built so far have run
+    saved_chunks: int  # chunks known to be stored (found by the lookup, or saved by us)
+    computed_chunks: int = 0  # chunks (prompt, then generated tokens) in the pages once the steps built so far ran
     load_tokens: int = 0  # external tokens to load in the request's next step
     unconfirmed_loads: int = 0  # loads sent to the workers whose outcome has not come back yet
     finished: bool = False  # vLLM finished it and keeps its pages until we release them
@@ -75,6 +76,7 @@ class LMCacheCoreScheduler:
         self._supported = supported
         self._load_enabled = transfer_config.is_kv_consumer
         self._save_enabled = transfer_config.is_kv_producer
+        self._save_generated = settings.save_decode_cache
         self._block_size = vllm_config.cache_config.block_size
         self._chunk_size = settings.chunk_size
         parallel = vllm_config.parallel_config
@@ -193,18 +195,16 @@ class LMCacheCoreScheduler:
             if state is None or state.finished:
                 continue
             request = state.request
-            prompt = request.prompt_token_ids or []
             if state.load_tokens:
                 end = request.num_computed_tokens
                 start = end - state.load_tokens
                 chunk_end = -(-end // chunk) * chunk
-                meta.loads.append(Transfer(request_id, _tokens(prompt, chunk_end), self._block_ids(request_id),
-                                           start, end))
+                meta.loads.append(Transfer(request_id, _tokens(request.prompt_token_ids or [], chunk_end),
+                                           self._block_ids(request_id), start, end))
                 state.load_tokens = 0
                 state.unconfirmed_loads += 1
             if self._save_enabled:
-                ready = min(request.num_computed_tokens + num_scheduled, len(prompt)) // chunk
-                state.computed_chunks = max(state.computed_chunks, ready)
+                state.computed_chunks = max(state.computed_chunks, self._ready_chunks(request, num_scheduled))
                 self._issue_save(meta, state, None)
         for request_id in list(self._finishing):
             state = self._requests[request_id]
@@ -216,15 +216,29 @@ class LMCacheCoreScheduler:
             del self._requests[request_id]
         return meta
 
+    def _ready_chunks(self, request: Request, num_scheduled: int) -> int:
+        """Chunks whose KV is in the pages once this step has run and whose token ids are final.
+
+        Prompt tokens count once the step computing them runs. Generated tokens count one step
+        later, up to ``num_computed_tokens`` as vLLM set it before this step: their KV was written
+        when they were fed back in, and vLLM has accepted them (tokens scheduled in this step may
+        be speculative drafts that the verification rejects, and with asynchronous scheduling
+        their ids may not be known yet). The answer's last chunk is saved when the request ends
+        (:meth:`request_finished`)."""
+        prompt_end = min(request.num_computed_tokens + num_scheduled, request.num_prompt_tokens)
+        if not self._save_generated:
+            return prompt_end // self._chunk_size
+        accepted = min(request.num_computed_tokens, len(request.all_token_ids))
+        return max(prompt_end, accepted) // self._chunk_size
+
     def _issue_save(self, meta: LMCacheCoreMetadata, state: _RequestState, block_ids: list[int] | None) -> None:
         """Save the chunks computed but not stored yet, unless a load they depend on is unconfirmed."""
         if state.unconfirmed_loads or state.computed_chunks <= state.saved_chunks:
             return
         chunk = self._chunk_size
         request_id = state.request.request_id
-        prompt = state.request.prompt_token_ids or []
         meta.saves.append(Transfer(
-            request_id, _tokens(prompt, state.computed_chunks * chunk),
+            request_id, _tokens(state.request.all_token_ids, state.computed_chunks * chunk),
             block_ids if block_ids is not None else self._block_ids(request_id),
             state.saved_chunks * chunk, state.computed_chunks * chunk,
         ))
@@ -258,6 +272,9 @@ class LMCacheCoreScheduler:
         state = self._requests.get(request.request_id)
         if state is None:
             return False, None
+        if self._save_enabled and self._save_generated:
+            # the tokens computed in its last step, up to the last full chunk of the answer
+            state.computed_chunks = max(state.computed_chunks, self._ready_chunks(request, 0))
         if self._save_enabled and (state.unconfirmed_loads or state.computed_chunks > state.saved_chunks):
             state.finished = True
             state.block_ids = list(block_ids)
@@ -271,5 +288,5 @@ class LMCacheCoreScheduler:
         self._client.close()
 
 
-def _tokens(prompt: list[int], end: int) -> np.ndarray:
-    return np.asarray(prompt[:end], dtype=np.uint32)
+def _tokens(tokens: Sequence[int], end: int) -> np.ndarray:
+    return np.asarray(tokens[:end], dtype=np.uint32)
