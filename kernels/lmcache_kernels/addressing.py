@@ -78,10 +78,10 @@ def paged_strides(paged: Sequence[torch.Tensor], layout: PagedLayout) -> PagedSt
     )
 
 
-@functools.lru_cache(maxsize=16)
-def _offset_table(addresses: tuple[int, ...], element_size: int, device: torch.device) -> tuple[torch.Tensor, int]:
-    # Cached: vLLM's layers never move, so each cache's table is copied to the device once.
-    offsets = [(address - addresses[0]) // element_size for address in addresses]
+@functools.lru_cache(maxsize=64)
+def _offset_table(offsets: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, int]:
+    # Cached: vLLM's layers never move, so a cache's table is copied to the device once (keyed by the
+    # offsets, not the addresses, so that one-layer calls of a layer-by-layer transfer share one entry).
     return torch.tensor(offsets, dtype=torch.int64).to(device), math.gcd(_VECTOR_ELEMENTS, *offsets)
 
 
@@ -94,7 +94,8 @@ def layer_offsets(paged: Sequence[torch.Tensor]) -> tuple[torch.Tensor, int]:
     it to every layer, so loads and stores compile to 16-byte vectors (a cast from a loaded address
     would hide the alignment and give 2-byte accesses)."""
     first = paged[0]
-    return _offset_table(tuple(layer.data_ptr() for layer in paged), first.element_size(), first.device)
+    start, size = first.data_ptr(), first.element_size()
+    return _offset_table(tuple((layer.data_ptr() - start) // size for layer in paged), first.device)
 
 
 def launch(kernel: Any, paged: Sequence[torch.Tensor], buffer: torch.Tensor, slots: torch.Tensor,
