@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 
 PREFIX = "LMCACHE_"
 CONFIG_FILE_VARIABLE = "LMCACHE_CONFIG_FILE"
+# LMCACHE_* variables that are not settings: the file the settings come from, and the copy kernels'
+# switch, which lmcache_kernels reads itself (lmcache_kernels.dispatch.KERNELS_VARIABLE; named here,
+# not imported, so that loading settings never imports Triton).
+NOT_SETTINGS = frozenset({CONFIG_FILE_VARIABLE, "LMCACHE_KERNELS"})
 GIB = 1024**3
 
 
@@ -493,7 +497,7 @@ def _parse_serde(variable: str, value: Any) -> str:
 
 
 def known_variables(registry: Registry) -> set[str]:
-    names = {CONFIG_FILE_VARIABLE, *legacy_variables(registry)}
+    names = {*NOT_SETTINGS, *legacy_variables(registry)}
     for field_name, info in Settings.model_fields.items():
         annotation = info.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
@@ -610,7 +614,7 @@ def _read_sources(env: Mapping[str, str], accepts: Callable[[str], bool]) -> tup
     if config_file:
         _merge_yaml(raw, legacy, Path(config_file).expanduser())
     for name, value in sorted(env.items()):
-        if name.startswith(PREFIX) and name != CONFIG_FILE_VARIABLE and accepts(name):
+        if name.startswith(PREFIX) and name not in NOT_SETTINGS and accepts(name):
             raw.set(tuple(part.lower() for part in name[len(PREFIX) :].split("__")), value, name, ENV)
     return raw, legacy
 
@@ -666,7 +670,7 @@ def load_settings(
 
     known = known_variables(registry)
     for name, value in sorted(env.items()):
-        if not name.startswith(PREFIX) or name == CONFIG_FILE_VARIABLE:
+        if not name.startswith(PREFIX) or name in NOT_SETTINGS:
             continue
         if name in legacy_names:
             legacy[name] = _Legacy(value, name, ENV_LEGACY)  # replaces the file's value of the name

@@ -17,6 +17,7 @@ from lmcache_core.hookspecs import hookimpl
 from lmcache_core.plugins import load_registry
 from lmcache_core.registry import Registry
 from lmcache_core.settings import PluginSettings, Settings, load_settings
+from lmcache_kernels import KERNELS_VARIABLE
 
 GIB = 1024**3
 
@@ -336,6 +337,7 @@ def test_known_variables_do_not_warn(registry: Registry, caplog: pytest.LogCaptu
         "LMCACHE_PLUGINS__ALLOW": "",
         "LMCACHE_SAVE_UNFULL_CHUNK": "1",
         "LMCACHE_MAX_LOCAL_CPU_SIZE": "1",
+        KERNELS_VARIABLE: "reference",  # read by lmcache_kernels, not a setting, but ours
         "PATH": "/usr/bin",  # not ours: never mentioned
     }
     with caplog.at_level(logging.WARNING):
