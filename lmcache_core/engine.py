@@ -178,6 +178,11 @@ class CacheEngine:
         """
         self.stack.put_many(chunks)
 
+    def read_speeds(self) -> dict[str, float | None]:
+        """Each tier's measured read speed in bytes per second (None until measured), fastest
+        tier first: for deciding whether a hit is worth loading (:mod:`lmcache_core.load_planner`)."""
+        return self.stack.read_speeds()
+
     def step_started(self) -> None:
         """The caller's compute step (e.g. vLLM's forward pass) begins: background writes to lower
         tiers wait until :meth:`step_finished` (bounded; see :class:`~lmcache_core.storage.TierStack`),

@@ -107,6 +107,12 @@ class Settings(BaseSettings):
         "until the queues hold half of write_queue_max_bytes), so they do not slow the forward pass on machines "
         "with few cores; false writes at once.",
     )
+    skip_slow_loads: bool = Field(
+        True,
+        description="vLLM: load a stored prefix only as far as loading it is faster than recomputing it, by the "
+        "tiers' read speeds and the prefill speed measured while serving (a slow disk or remote tier can lose to "
+        "the GPU); false always loads. Declined tokens show as declined_load_tokens in the stats.",
+    )
     lookup_wait_ms: int = Field(
         20, ge=0, le=1000,
         description="vLLM: how long the scheduler waits for the workers' lookup answer per call; a later answer "

@@ -32,6 +32,7 @@ import torch
 from lmcache_core.backend import Chunk, SerializingBackend, StorageBackend
 from lmcache_core.backoff import Backoff
 from lmcache_core.keys import ChunkKey
+from lmcache_core.load_planner import Rate
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -126,6 +127,7 @@ class _Tier:
         self.name = backend.name
         self.errors = 0
         self.dropped_writes = 0
+        self.reads = Rate()  # bytes per second of chunks read from it, promotion included
         # one pause for each kind of call: a failed write must not stop reads
         self._reads = Backoff(_BACKOFF_START_S, _BACKOFF_MAX_S)
         self._writes = Backoff(_BACKOFF_START_S, _BACKOFF_MAX_S)
@@ -356,7 +358,9 @@ class TierStack:
         """Get ``positions`` of ``keys`` from tier ``depth`` into ``results``; promote what it had."""
         tier = self._tiers[depth]
         wanted = [keys[i] for i in positions]
-        fetched = tier.call("get", lambda: tier.backend.get_many(wanted), [None] * len(wanted))
+        started = time.monotonic()
+        fetched: list[torch.Tensor | None] = tier.call("get", lambda: tier.backend.get_many(wanted),
+                                                       [None] * len(wanted))
         promoted: list[Chunk] = []
         for i, tensor in zip(positions, fetched, strict=True):
             if tensor is not None:
@@ -367,6 +371,12 @@ class TierStack:
                     promoted.append(Chunk(keys[i], tensor, i))
         if promoted:
             self._promote(promoted, upto=depth)
+        tier.reads.observe(sum(t.nbytes for t in fetched if t is not None), time.monotonic() - started)
+
+    def read_speeds(self) -> dict[str, float | None]:
+        """Each tier's measured read speed in bytes per second (None until it served a read),
+        fastest tier first: what a load from it costs, for :class:`~lmcache_core.load_planner.LoadPlanner`."""
+        return {tier.name: tier.reads.per_second for tier in self._tiers}
 
     def put_many(self, chunks: Sequence[Chunk]) -> None:
         """Store in the first tier now and in the lower tiers in the background.

@@ -33,7 +33,7 @@ def servers() -> Iterator[list[LookupServer]]:
         server.close()
 
 
-def answer_of(client: Any, tokens: Sequence[int] | np.ndarray, within_s: float = 5.0) -> tuple[int, int]:
+def answer_of(client: Any, tokens: Sequence[int] | np.ndarray, within_s: float = 5.0) -> tuple[int, int, int]:
     """Ask again, as vLLM's scheduler does every step, until the client has an answer."""
     give_up = time.monotonic() + within_s
     while time.monotonic() < give_up:

@@ -110,12 +110,12 @@ def test_a_lookup_connection_also_carries_control_requests() -> None:
     try:
         with Client(path, family="AF_UNIX") as connection:
             connection.send_bytes(np.arange(8, dtype="<u4").tobytes())
-            assert struct.unpack("<II", connection.recv_bytes()) == (8, 1)
+            assert struct.unpack("<III", connection.recv_bytes()) == (8, 1, 8)
             frame = encode_control({"op": "stats"})
             assert len(frame) % 4 == 1
             connection.send_bytes(frame)
             assert "error" in json.loads(connection.recv_bytes())
             connection.send_bytes(np.arange(4, dtype="<u4").tobytes())
-            assert struct.unpack("<II", connection.recv_bytes()) == (4, 1)
+            assert struct.unpack("<III", connection.recv_bytes()) == (4, 1, 4)
     finally:
         server.close()

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from vllm_fakes import one_full_attention_group
 
 from lmcache_core.integrations.vllm import compat
 
@@ -57,7 +58,7 @@ def scheduler(connector: Any, **extra: Any) -> Any:
         model_config=SimpleNamespace(model="m"),
     )
     return connector.LMCacheCoreConnector(config, connector.KVConnectorRole.SCHEDULER,
-                                          SimpleNamespace(kv_cache_groups=[object()]))
+                                          one_full_attention_group())
 
 
 def request() -> SimpleNamespace:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from vllm_fakes import one_full_attention_group
 
 from lmcache_core.errors import SettingsError
 from lmcache_core.integrations.vllm.lookup import LookupServer
@@ -51,7 +52,7 @@ def scheduler_connector(vllm_side: Any, **extra: Any) -> Any:
         parallel_config=SimpleNamespace(data_parallel_rank=0, tensor_parallel_size=1, pipeline_parallel_size=1),
         model_config=SimpleNamespace(model="m"),
     )
-    kv_cache_config = SimpleNamespace(kv_cache_groups=[object()])
+    kv_cache_config = one_full_attention_group()
     # The real facade; its scheduler half holds the lookup client that these tests look into.
     return vllm_side.module.LMCacheCoreConnector(config, vllm_side.role.SCHEDULER, kv_cache_config).connector_scheduler
 

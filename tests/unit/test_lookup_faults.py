@@ -56,7 +56,7 @@ def test_all_ranks_are_asked_at_once(engine_id: str, servers: list[LookupServer]
     servers += serve([(socket_path(engine_id, 0, 0), rank(5, 3)), (socket_path(engine_id, 0, 1), rank(4, 4))])
     client = LookupClient([server.path for server in servers])
     try:
-        assert answer_of(client, TOKENS) == (4, 3)
+        assert answer_of(client, TOKENS) == (4, 3, 4)
     finally:
         client.close()
 
@@ -74,7 +74,7 @@ def test_a_slow_rank_answers_later_without_blocking_the_caller(engine_id: str, s
         returned_after = time.monotonic() - started
         assert first is None  # "not ready yet": vLLM skips the request this step and asks again
         assert returned_after < 1.0
-        assert answer_of(client, TOKENS) == (3, 1)  # a later call picks up the answer
+        assert answer_of(client, TOKENS) == (3, 1, 3)  # a later call picks up the answer
     finally:
         client.close()
 
@@ -89,7 +89,7 @@ def test_past_the_deadline_a_lookup_is_a_miss(engine_id: str, servers: list[Look
     try:
         started = time.monotonic()
         assert client.lookup(TOKENS) is None
-        assert answer_of(client, TOKENS) == (0, 0)
+        assert answer_of(client, TOKENS) == (0, 0, 0)
         assert time.monotonic() - started < 2.9  # the miss came at the deadline, not with the late answer
         assert client.counters["expired"] == 1
     finally:
@@ -101,7 +101,7 @@ def test_a_dead_rank_is_a_miss(engine_id: str, servers: list[LookupServer]) -> N
     client = LookupClient([servers[0].path, socket_path(engine_id, 0, 1)])  # rank 1 never started
     try:
         started = time.monotonic()
-        assert answer_of(client, TOKENS) == (0, 0)
+        assert answer_of(client, TOKENS) == (0, 0, 0)
         assert time.monotonic() - started < 1.0  # a refused connection is not waited for
         assert client.counters["failed"] >= 1
     finally:
@@ -122,7 +122,7 @@ def test_socket_directory_owned_by_another_user_is_not_used(
     servers += serve([(path, lambda tokens: (4, 2))])
     client = LookupClient([path])
     try:
-        assert answer_of(client, TOKENS) == (4, 2)
+        assert answer_of(client, TOKENS) == (4, 2, 4)
     finally:
         client.close()
 
@@ -144,7 +144,7 @@ def test_tmpdir_too_long_for_a_unix_socket(engine_id: str, socket_base: Path, mo
     servers += serve([(paths[0], lambda tokens: (4, 2)), (paths[1], lambda tokens: (5, 1))])
     client = LookupClient(paths)
     try:
-        assert answer_of(client, TOKENS) == (4, 1)
+        assert answer_of(client, TOKENS) == (4, 1, 4)
     finally:
         client.close()
 
@@ -217,7 +217,7 @@ def test_a_socket_squatted_by_another_user_is_not_believed(abstract_path: str) -
         assert os.read(ready_read, 1) == b"1"
         client = LookupClient([abstract_path])
         try:
-            assert answer_of(client, TOKENS) == (0, 0)
+            assert answer_of(client, TOKENS) == (0, 0, 0)
             assert client.counters["failed"] == 1
         finally:
             client.close()

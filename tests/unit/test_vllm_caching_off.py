@@ -79,7 +79,7 @@ def test_caching_off_is_one_error_line_in_vllms_log_and_lookups_answer_zero(
         client = LookupClient([socket_path("caching-off-test", 0, 0)])
         try:
             for _ in range(3):
-                assert answer_of(client, np.arange(256, dtype=np.uint32)) == (0, 0)
+                assert answer_of(client, np.arange(256, dtype=np.uint32)) == (0, 0, 0)
         finally:
             client.close()
         # The scheduler reached the worker: no "lookup ... failed: cannot connect" warnings.

@@ -37,11 +37,11 @@ def vllm_side() -> Any:
 
 
 class FakeClient:
-    def __init__(self, found: int, first_tier: int) -> None:
-        self.answer = (found, first_tier)
+    def __init__(self, found: int, first_tier: int, loadable: int | None = None) -> None:
+        self.answer = (found, first_tier, found if loadable is None else loadable)
         self.calls = 0
 
-    def lookup(self, tokens: np.ndarray) -> tuple[int, int]:
+    def lookup(self, tokens: np.ndarray) -> tuple[int, int, int]:
         self.calls += 1
         return self.answer
 
@@ -380,12 +380,36 @@ def parallel_config(**overrides: int) -> SimpleNamespace:
 
 @pytest.mark.parametrize("setting", ["decode_context_parallel_size", "prefill_context_parallel_size"])
 def test_context_parallelism_turns_caching_off_with_a_reason(vllm_side: Any, setting: str) -> None:
-    one_group = SimpleNamespace(kv_cache_groups=[object()])
+    one_group = kv_cache_config(full_attention_spec())
     unsupported = vllm_side.module.unsupported_reason
     assert unsupported(parallel_config(), one_group) is None
     reason = unsupported(parallel_config(**{setting: 2}), one_group)
     assert reason is not None and setting in reason
     assert "2 KV-cache groups" in unsupported(parallel_config(), SimpleNamespace(kv_cache_groups=[1, 2]))
+
+
+def full_attention_spec(**extra: Any) -> Any:
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    return FullAttentionSpec(block_size=BLOCK, num_kv_heads=2, head_size=64, dtype=torch.float32, **extra)
+
+
+def kv_cache_config(spec: Any) -> SimpleNamespace:
+    return SimpleNamespace(kv_cache_groups=[SimpleNamespace(kv_cache_spec=spec)])
+
+
+def test_a_model_whose_layers_all_slide_turns_caching_off(vllm_side: Any) -> None:
+    """vLLM frees the pages of tokens outside the window: nothing to save or load into there."""
+    from vllm.v1.kv_cache_interface import ChunkedLocalAttentionSpec, SlidingWindowSpec
+
+    unsupported = vllm_side.module.unsupported_reason
+    common = {"block_size": BLOCK, "num_kv_heads": 2, "head_size": 64, "dtype": torch.float32}
+    for spec in (SlidingWindowSpec(**common, sliding_window=128), ChunkedLocalAttentionSpec(**common,
+                                                                                             attention_chunk_size=128)):
+        reason = unsupported(parallel_config(), kv_cache_config(spec))
+        assert reason is not None and type(spec).__name__ in reason
+    # a hybrid model's sliding layers, allocated as full attention because we do not declare HMA
+    assert unsupported(parallel_config(), kv_cache_config(full_attention_spec(sliding_window=128))) is None
 
 
 # --- saving generated tokens (LMCACHE_SAVE_DECODE_CACHE) ------------------------------------------
@@ -453,3 +477,48 @@ def test_save_decode_cache_off_saves_prompt_chunks_only(vllm_side: Any) -> None:
     running = prefilled(connector, 40)
     assert decode(connector, running, 40) == []
     assert connector.request_finished(running, [1]) == (False, None)
+
+
+# --- load or recompute ---------------------------------------------------------------------------
+
+
+def test_chunks_not_worth_loading_are_recomputed_but_not_saved_again(vllm_side: Any) -> None:
+    connector = scheduler(vllm_side, found=3, first_tier=1)
+    connector._client = FakeClient(found=3, first_tier=1, loadable=1)  # chunks 1-2 sit in a slow tier
+    arriving = request(list(range(100)))
+    external, _ = connector.get_num_new_matched_tokens(arriving, 0)
+    assert external == CHUNK
+    connector.update_state_after_alloc(arriving, None, external)
+    arriving.num_computed_tokens = external
+    meta = connector.build_connector_meta(SimpleNamespace(num_scheduled_tokens={"r1": 100 - external}))
+    connector.update_connector_output(load_outcome(vllm_side, {"r1"}))
+    arriving.num_computed_tokens = 100
+    meta = connector.build_connector_meta(SimpleNamespace(num_scheduled_tokens={"r1": 1}))
+    assert meta.saves == []  # chunks 1 and 2 are stored already: recomputed, not saved again
+
+
+def test_worker_declines_chunks_its_slow_tier_would_load_slower_than_recompute(vllm_side: Any, tmp_path: Any) -> None:
+    from lmcache_core.engine import CacheEngine
+    from lmcache_core.keys import KVLayout
+    from lmcache_core.load_planner import LoadPlanner
+
+    connector = worker(vllm_side, tmp_path)
+    connector._engine = CacheEngine.from_env(
+        model_name="fake", layout=KVLayout(LAYERS, HEADS, HEAD_DIM, "float32"),
+        environ={"LMCACHE_TIERS": "cpu,disk", "LMCACHE_CHUNK_SIZE": str(CHUNK), "LMCACHE_DISK__PATH": str(tmp_path)},
+    )
+    engine = connector._engine
+    tokens = np.arange(4 * CHUNK, dtype=np.uint32)
+    keys = engine.keys(tokens)
+    kv = torch.randn(LAYERS, 2, 4 * CHUNK, HEADS, HEAD_DIM)
+    engine.store(tokens, kv)
+    assert engine.flush()
+    engine.stack.backends[0].delete(keys[2:])  # chunks 2, 3 only on disk
+    chunk_bytes = kv[:, :, :CHUNK].nbytes
+    connector._planner = LoadPlanner(CHUNK, chunk_bytes)
+    assert connector._serve_lookup(tokens) == (4, 2, 4)  # nothing measured yet: load it all
+    connector._planner.prefill.observe(CHUNK * 1000, 1.0)  # 1 ms to recompute a chunk
+    engine.stack._tiers[1].reads.observe(chunk_bytes, 0.5)  # the disk took 500 ms for one
+    assert connector._serve_lookup(tokens) == (4, 2, 2)
+    assert connector.get_kv_connector_stats().data["declined_load_tokens"] == 2 * CHUNK
+    engine.close()

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from vllm_fakes import one_full_attention_group
 
 from lmcache_core.errors import SettingsError
 
@@ -44,9 +45,6 @@ def vllm_config(**extra: Any) -> SimpleNamespace:
     )
 
 
-ONE_GROUP = SimpleNamespace(kv_cache_groups=[object()])
-
-
 def test_the_facade_delegates_to_the_half_of_its_role(module: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     registries: list[Any] = []
     real = module.load_registry
@@ -56,7 +54,7 @@ def test_the_facade_delegates_to_the_half_of_its_role(module: Any, monkeypatch: 
         return registries[-1]
 
     monkeypatch.setattr(module, "load_registry", counting_load_registry)
-    worker = module.LMCacheCoreConnector(vllm_config(), module.KVConnectorRole.WORKER, ONE_GROUP)
+    worker = module.LMCacheCoreConnector(vllm_config(), module.KVConnectorRole.WORKER, one_full_attention_group())
     assert worker.connector_scheduler is None and isinstance(worker.connector_worker, module.LMCacheCoreWorker)
     # One registry per process: the one the settings were validated against builds the tiers.
     assert len(registries) == 1 and worker.connector_worker._registry is registries[0]
@@ -67,7 +65,7 @@ def test_the_facade_delegates_to_the_half_of_its_role(module: Any, monkeypatch: 
     assert worker.get_kv_connector_stats() is None
     worker.shutdown()
 
-    scheduler = module.LMCacheCoreConnector(vllm_config(), module.KVConnectorRole.SCHEDULER, ONE_GROUP)
+    scheduler = module.LMCacheCoreConnector(vllm_config(), module.KVConnectorRole.SCHEDULER, one_full_attention_group())
     try:
         assert scheduler.connector_worker is None
         assert scheduler.get_kv_connector_stats() is None  # vLLM asks both roles

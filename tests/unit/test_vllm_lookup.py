@@ -37,8 +37,8 @@ def test_client_takes_the_smallest_answer_over_ranks(engine_id: str) -> None:
                LookupServer(socket_path(engine_id, 0, 1), lambda tokens: (4, 4))]
     client = LookupClient([server.path for server in servers])
     try:
-        assert answer_of(client, [1, 2, 3, 70000]) == (4, 3)
-        assert answer_of(client, list(range(10))) == (4, 3)  # the connection is reused
+        assert answer_of(client, [1, 2, 3, 70000]) == (4, 3, 4)
+        assert answer_of(client, list(range(10))) == (4, 3, 4)  # the connection is reused
         assert seen[0].tolist() == [1, 2, 3, 70000]
     finally:
         client.close()
@@ -54,12 +54,12 @@ def test_a_failing_or_missing_worker_is_a_miss(engine_id: str) -> None:
     server = LookupServer(socket_path(engine_id, 0, 0), broken)
     client = LookupClient([server.path])
     try:
-        assert answer_of(client, [1, 2]) == (0, 0)
+        assert answer_of(client, [1, 2]) == (0, 0, 0)
     finally:
         client.close()
         server.close()
     absent = LookupClient([socket_path(engine_id, 0, 7)])
-    assert answer_of(absent, [1, 2]) == (0, 0)
-    assert answer_of(absent, [1, 2]) == (0, 0)  # on backoff: no reconnect storm
+    assert answer_of(absent, [1, 2]) == (0, 0, 0)
+    assert answer_of(absent, [1, 2]) == (0, 0, 0)  # on backoff: no reconnect storm
     assert absent.counters["failed"] == 1
     absent.close()

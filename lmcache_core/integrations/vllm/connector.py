@@ -58,6 +58,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorWorkerMetadata,
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from lmcache_core.integrations.vllm import compat
@@ -112,6 +113,15 @@ def unsupported_reason(vllm_config: Any, kv_cache_config: Any) -> str | None:
     groups = len(kv_cache_config.kv_cache_groups)
     if groups != 1:
         return f"the model has {groups} KV-cache groups (sliding-window or hybrid); one is supported"
+    # Our connector does not declare SupportsHMA, so vLLM allocates hybrid models (full + sliding
+    # layers) as full attention: every token keeps its pages, and they cache like any model. A
+    # model whose layers are all local (sliding window, chunked local attention) keeps its own
+    # spec, and vLLM frees the pages that fall out of the window: chunks would be read from and
+    # written to freed pages.
+    spec = kv_cache_config.kv_cache_groups[0].kv_cache_spec
+    if not isinstance(spec, FullAttentionSpec):
+        return f"the model's KV cache is {type(spec).__name__} (pages outside the window are freed); " \
+               "only full attention is supported"
     parallel = vllm_config.parallel_config
     for setting in ("decode_context_parallel_size", "prefill_context_parallel_size"):
         size = getattr(parallel, setting, 1)

@@ -48,7 +48,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -56,11 +56,23 @@ from lmcache_core.backoff import Backoff
 
 log = logging.getLogger(__name__)
 
-_REPLY = struct.Struct("<II")
+_REPLY = struct.Struct("<III")
 _PEER_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _MAX_UNIX_PATH = 107  # sun_path is 108 bytes, with the terminating NUL
 _BACKOFF_S = 1.0  # a rank that failed is not asked again for this long
-LookupFunction = Callable[[np.ndarray], tuple[int, int]]
+
+
+class LookupAnswer(NamedTuple):
+    """What the ranks hold of a prompt's chunks (every rank: the minimum over them)."""
+
+    found: int  # leading chunks stored
+    first_tier: int  # of those, in the first tier
+    loadable: int  # of those, worth loading rather than recomputing (see lmcache_core.load_planner)
+
+
+MISS = LookupAnswer(0, 0, 0)
+# A rank's answer; (found, first_tier) means every found chunk is worth loading.
+LookupFunction = Callable[[np.ndarray], "LookupAnswer | tuple[int, int]"]
 ControlHandler = Callable[[dict[str, Any]], dict[str, Any]]
 _fallbacks_logged: set[str] = set()
 
@@ -212,11 +224,12 @@ class LookupServer:
     def _answer_lookup(self, request: bytes) -> bytes:
         tokens = np.frombuffer(request, dtype="<u4")
         try:
-            found, first_tier = self._lookup(tokens)
+            answer = self._lookup(tokens)
         except Exception:
             log.exception("lookup failed; answering 0 (a miss)")
-            found, first_tier = 0, 0
-        return _REPLY.pack(found, first_tier)
+            answer = MISS
+        found, first_tier, loadable = answer if len(answer) == 3 else (*answer, answer[0])
+        return _REPLY.pack(found, first_tier, min(found, loadable))
 
     def _answer_control(self, request: bytes) -> bytes:
         try:
@@ -246,7 +259,7 @@ class _Pending:
     def __init__(self, payload: bytes, deadline: float) -> None:
         self.payload = payload
         self.deadline = deadline
-        self.answer = (0, 0)
+        self.answer = MISS
         self.expired = False  # the background thread gave up at the deadline
         self.late_ranks: list[str] = []
         self.done = threading.Event()
@@ -281,9 +294,9 @@ class LookupClient:
         self._thread = threading.Thread(target=self._run, name="lmcache-lookup-client", daemon=True)
         self._thread.start()
 
-    def lookup(self, tokens: Sequence[int] | np.ndarray) -> tuple[int, int] | None:
-        """(chunks every rank holds, chunks every rank holds in its first tier), or ``None`` while
-        the answer is late; ``(0, 0)`` once it is later than the deadline."""
+    def lookup(self, tokens: Sequence[int] | np.ndarray) -> LookupAnswer | None:
+        """What every rank holds, or ``None`` while the answer is late; :data:`MISS` once it is
+        later than the deadline."""
         payload = np.ascontiguousarray(tokens, dtype="<u4").tobytes()
         key = hashlib.blake2b(payload, digest_size=16).digest()
         pending = self._pending.get(key)
@@ -307,21 +320,21 @@ class LookupClient:
             self.counters["late"] += 1
         return None
 
-    def _finish(self, key: bytes, answer: tuple[int, int]) -> tuple[int, int]:
+    def _finish(self, key: bytes, answer: LookupAnswer) -> LookupAnswer:
         del self._pending[key]
         self._late.discard(key)
         return answer
 
-    def _expire(self, key: bytes, pending: _Pending) -> tuple[int, int]:
+    def _expire(self, key: bytes, pending: _Pending) -> LookupAnswer:
         self.counters["expired"] += 1
         log.warning("lmcache-core: no lookup answer within %g s (%s); treating the prompt as a miss", self.deadline_s,
                     "late: " + ", ".join(map(repr, pending.late_ranks)) if pending.late_ranks else "queued too long")
-        return self._finish(key, (0, 0))
+        return self._finish(key, MISS)
 
     def _forget_abandoned(self, now: float) -> None:
         """Drop lookups nobody came back for (the request was aborted) once well past the deadline."""
         for key in [key for key, pending in self._pending.items() if now > pending.deadline + self.deadline_s]:
-            self._finish(key, (0, 0))
+            self._finish(key, MISS)
 
     # --- the background thread -----------------------------------------------------------------
 
@@ -339,7 +352,7 @@ class LookupClient:
                     self._unfinished -= 1
                 pending.done.set()
 
-    def _ask_all(self, pending: _Pending) -> tuple[int, int]:
+    def _ask_all(self, pending: _Pending) -> LookupAnswer:
         """Send to every rank, then collect: the ranks look up in parallel."""
         connections = [self._connect(path) for path in self.paths]
         asked: list[tuple[str, Connection]] = []
@@ -359,13 +372,14 @@ class LookupClient:
                     pending.late_ranks.append(path)
                     self._fail(path, None)  # its answer would arrive as the reply to the next request
                     continue
-                answers.append(_REPLY.unpack(connection.recv_bytes()))
+                answers.append(LookupAnswer(*_REPLY.unpack(connection.recv_bytes())))
             except (OSError, EOFError, struct.error) as error:
                 self._fail(path, str(error))
         if len(answers) < len(self.paths):
-            return 0, 0
-        found = min(answer[0] for answer in answers)
-        return found, min(found, *(answer[1] for answer in answers))
+            return MISS
+        found = min(answer.found for answer in answers)
+        return LookupAnswer(found, min(found, *(a.first_tier for a in answers)),
+                            min(found, *(a.loadable for a in answers)))
 
     def _connect(self, path: str) -> Connection | None:
         connection = self._connections.get(path)

@@ -45,6 +45,7 @@ class LMCacheCoreMetadata(KVConnectorMetadata):
     loads: list[Transfer] = field(default_factory=list)
     saves: list[Transfer] = field(default_factory=list)
     released: list[str] = field(default_factory=list)
+    step_tokens: int = 0  # tokens this step computes, all requests together (the prefill-speed estimate)
 
 
 @dataclass

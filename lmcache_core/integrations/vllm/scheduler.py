@@ -18,7 +18,7 @@ import numpy as np
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from lmcache_core.integrations.vllm.control import ControlServer, InstanceInfo
-from lmcache_core.integrations.vllm.lookup import LookupClient, socket_path
+from lmcache_core.integrations.vllm.lookup import MISS, LookupClient, socket_path
 from lmcache_core.integrations.vllm.metadata import LMCacheCoreMetadata, LMCacheCoreWorkerMeta, Transfer
 from lmcache_core.registry import Registry
 from lmcache_core.settings import Settings
@@ -42,6 +42,7 @@ _LOOKUP_REFRESH_S = 1.0
 class _Lookup:
     found: int  # chunks every worker holds
     first_tier: int  # of which in the first tier
+    loadable: int  # of which worth loading rather than recomputing
     at: float  # when the workers answered
     vllm_cached_tokens: int = 0  # tokens vLLM's own prefix cache had when we answered
 
@@ -127,7 +128,7 @@ class LMCacheCoreScheduler:
         if previous is not None and now - previous.at < _LOOKUP_REFRESH_S:
             return previous
         full = len(prompt) // self._chunk_size * self._chunk_size
-        answer = self._client.lookup(np.asarray(prompt[:full], dtype=np.uint32)) if full else (0, 0)
+        answer = self._client.lookup(np.asarray(prompt[:full], dtype=np.uint32)) if full else MISS
         if answer is None:
             return previous
         result = _Lookup(*answer, at=now)
@@ -143,7 +144,7 @@ class LMCacheCoreScheduler:
         if lookup is None:
             return None, False  # vLLM skips the request this step and asks again in the next one
         lookup.vllm_cached_tokens = num_computed_tokens  # for get_external_cache_hit_sources
-        hit = min(lookup.found * self._chunk_size, request.num_prompt_tokens - 1)
+        hit = min(lookup.loadable * self._chunk_size, request.num_prompt_tokens - 1)
         hit -= hit % self._block_size
         return max(0, hit - num_computed_tokens), False
 
@@ -184,7 +185,7 @@ class LMCacheCoreScheduler:
         garbage. Their saves wait until the workers' report reaches :meth:`update_connector_output`;
         a finished request keeps its pages meanwhile (:meth:`request_finished`).
         """
-        meta = LMCacheCoreMetadata()
+        meta = LMCacheCoreMetadata(step_tokens=sum(scheduler_output.num_scheduled_tokens.values()))
         chunk = self._chunk_size
         for request_id in getattr(scheduler_output, "preempted_req_ids", None) or ():
             state = self._requests.get(request_id)

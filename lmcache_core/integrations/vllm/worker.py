@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any
@@ -22,7 +23,7 @@ from lmcache_core.engine import CacheEngine
 from lmcache_core.integrations.vllm import compat
 from lmcache_core.integrations.vllm.control import EngineControl
 from lmcache_core.integrations.vllm.layouts import CPU_LAYOUTS, cpu_layout_for, detect_layout
-from lmcache_core.integrations.vllm.lookup import LookupServer, socket_path
+from lmcache_core.integrations.vllm.lookup import LookupAnswer, LookupServer, socket_path
 from lmcache_core.integrations.vllm.metadata import (
     LMCacheCoreMetadata,
     LMCacheCoreStats,
@@ -31,6 +32,7 @@ from lmcache_core.integrations.vllm.metadata import (
 )
 from lmcache_core.integrations.vllm.paged import PagedLayout, copy_paged_kv, slots_for
 from lmcache_core.keys import CacheScope, KVLayout, config_digest
+from lmcache_core.load_planner import LoadPlanner
 from lmcache_core.model_identity import weights_identity
 from lmcache_core.registry import Registry
 from lmcache_core.settings import Settings
@@ -70,6 +72,9 @@ class LMCacheCoreWorker:
         self._layers: list[torch.Tensor] = []
         self._layout: PagedLayout | None = None
         self._connector_metadata: LMCacheCoreMetadata | None = None
+        self._planner: LoadPlanner | None = None
+        self._step_started = 0.0  # when vLLM bound this step's metadata: the forward pass follows
+        self._step_load_s = 0.0  # of the step's time, spent loading
         self._failed_blocks: set[int] = set()
         self._load_report = LMCacheCoreWorkerMeta()  # this step's loads, for the scheduler
         self._released: set[str] = set()  # finished requests whose saves are done
@@ -80,6 +85,7 @@ class LMCacheCoreWorker:
     def bind_connector_metadata(self, metadata: KVConnectorMetadata) -> None:
         assert isinstance(metadata, LMCacheCoreMetadata)
         self._connector_metadata = metadata
+        self._step_started, self._step_load_s = time.perf_counter(), 0.0
         # vLLM binds the metadata right before the forward pass and calls wait_for_save right after
         # it (start_load_kv may come after the forward): the step's bounds for background writes.
         if self._engine is not None:
@@ -131,15 +137,22 @@ class LMCacheCoreWorker:
                              kv_factor=layout.kv_factor)
         scope = _cache_scope(self._vllm_config, self._settings, kv_layout, rank, world)
         self._engine = CacheEngine(self._settings, self._registry, scope)
+        chunk_bytes = math.prod(kv_layout.chunk_shape(self._chunk_size)) * dtype.itemsize
+        self._planner = LoadPlanner(self._chunk_size, chunk_bytes, enabled=self._settings.skip_slow_loads)
         self._layers = list(kv_caches.values())
         self._layout = layout
 
-    def _serve_lookup(self, tokens: np.ndarray) -> tuple[int, int]:
-        """Runs on the lookup server's thread: (chunks in any tier, of which the first tier serves)."""
-        if self._engine is None:  # caching is off
-            return 0, 0
+    def _serve_lookup(self, tokens: np.ndarray) -> LookupAnswer:
+        """Runs on the lookup server's thread: chunks in any tier, of which the first tier serves,
+        and of which loading beats recomputing (:class:`~lmcache_core.load_planner.LoadPlanner`)."""
+        if self._engine is None or self._planner is None:  # caching is off
+            return LookupAnswer(0, 0, 0)
         lookup = self._engine.lookup_keys(self._engine.keys(tokens))
-        return lookup.found, next(iter(lookup.by_tier.values()), 0)  # by_tier lists the fastest tier first
+        loadable = self._planner.chunks_worth_loading(lookup.by_tier, self._engine.read_speeds())
+        if loadable < lookup.found:
+            self._stats["declined_load_tokens"] += (lookup.found - loadable) * self._chunk_size
+        # by_tier lists the fastest tier first
+        return LookupAnswer(lookup.found, next(iter(lookup.by_tier.values()), 0), loadable)
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         meta = self._connector_metadata
@@ -173,10 +186,15 @@ class LMCacheCoreWorker:
         if pieces:
             buffer = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
             assert self._layout is not None
+            copy_started = time.perf_counter()
             copy_paged_kv(self._layers, buffer, torch.cat(slots), self._layout, "load")
+            if self._planner is not None:
+                self._planner.into_pages.observe(buffer.nbytes, time.perf_counter() - copy_started)
             self._stats["load_tokens"] += buffer.shape[2]
             self._stats["load_bytes"] += buffer.nbytes
-        self._stats["load_s"] += time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        self._step_load_s += elapsed
+        self._stats["load_s"] += elapsed
 
     def _fail(self, transfer: Transfer, from_token: int) -> None:
         """Report the pages of tokens ``[from_token, end)`` as not loaded: vLLM recomputes them."""
@@ -191,6 +209,9 @@ class LMCacheCoreWorker:
         meta = self._connector_metadata
         if meta is None:
             return
+        if self._planner is not None and meta.step_tokens >= self._chunk_size:  # a prefill, not a decode step
+            computing_s = time.perf_counter() - self._step_started - self._step_load_s
+            self._planner.prefill.observe(meta.step_tokens, computing_s)
         if meta.saves and self._engine is not None:
             self._save(meta.saves)
         if self._engine is not None:
