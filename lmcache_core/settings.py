@@ -136,8 +136,9 @@ class Settings(BaseSettings):
         "the same name. Accepted; takes effect in a later release.",
     )
     enable_async_loading: bool = Field(
-        False, description="Let requests wait for slow-tier KV without blocking the batch, as LMCache's variable of "
-        "the same name. Accepted; takes effect in a later release.",
+        True, description="vLLM: a request whose hit is partly in a lower tier (disk, remote) waits for its KV "
+        "while the other requests keep running, instead of the whole batch waiting for the read. LMCache's "
+        "variable of the same name; on by default here.",
     )
     enable_blending: bool = Field(
         False, description="Reuse KV at any position (CacheBlend), as LMCache's variable of the same name. Accepted; "
@@ -268,7 +269,7 @@ class Settings(BaseSettings):
 
 
 # Settings above that are accepted with LMCache's meaning but do nothing yet.
-NOT_YET_IMPLEMENTED = ("use_layerwise", "enable_async_loading", "enable_blending")
+NOT_YET_IMPLEMENTED = ("use_layerwise", "enable_blending")
 
 
 # --- legacy LMCache names ----------------------------------------------------------------------

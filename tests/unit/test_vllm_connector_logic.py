@@ -9,6 +9,7 @@ the lookup and the load (its pages must be reported, the rest loaded).
 from __future__ import annotations
 
 import importlib.util
+import time
 import warnings
 from types import SimpleNamespace
 from typing import Any
@@ -58,7 +59,7 @@ def scheduler(vllm_side: Any, found: int = 0, first_tier: int = 0, tiers: tuple[
     connector = vllm_side.module.LMCacheCoreScheduler.__new__(vllm_side.module.LMCacheCoreScheduler)
     connector._chunk_size, connector._block_size = CHUNK, BLOCK
     connector._load_enabled = connector._save_enabled = connector._supported = True
-    connector._save_generated = True
+    connector._save_generated = connector._async_loading = True
     connector._settings = SimpleNamespace(tiers=list(tiers))
     from lmcache_core.integrations.vllm.scheduler import tier_hit_sources
 
@@ -70,12 +71,16 @@ def scheduler(vllm_side: Any, found: int = 0, first_tier: int = 0, tiers: tuple[
 
 
 def test_hit_is_block_aligned_and_leaves_one_token(vllm_side: Any) -> None:
-    assert scheduler(vllm_side, found=3).get_num_new_matched_tokens(request(list(range(100))), 0) == (96, False)
+    def matched(found: int, prompt_len: int, computed: int) -> tuple[int, bool]:  # all in the first tier
+        connector = scheduler(vllm_side, found=found, first_tier=found)
+        return connector.get_num_new_matched_tokens(request(list(range(prompt_len))), computed)
+
+    assert matched(3, 100, 0) == (96, False)
     # The whole prompt is cached: vLLM must still compute the last token, and hits end on a block.
-    assert scheduler(vllm_side, found=3).get_num_new_matched_tokens(request(list(range(96))), 0) == (80, False)
+    assert matched(3, 96, 0) == (80, False)
     # vLLM's own prefix cache already has 64 tokens: only the rest is ours to supply.
-    assert scheduler(vllm_side, found=3).get_num_new_matched_tokens(request(list(range(100))), 64) == (32, False)
-    assert scheduler(vllm_side, found=1).get_num_new_matched_tokens(request(list(range(100))), 64) == (0, False)
+    assert matched(3, 100, 64) == (32, False)
+    assert matched(1, 100, 64) == (0, False)
 
 
 def test_repeated_lookups_for_a_waiting_request_are_cached(vllm_side: Any) -> None:
@@ -319,7 +324,7 @@ def test_preempted_request_drops_the_saves_it_held(vllm_side: Any) -> None:
     connector.update_connector_output(load_outcome(vllm_side, {"r1"}))
     assert step(connector, {}, preempted=("r1",)).saves == []
     # Resumed later: vLLM recomputes from scratch (no hit this time); chunks 2..5 are saved then.
-    connector._client.answer = (2, 2)
+    connector._client.answer = (2, 2, 2)
     arriving.num_computed_tokens = 0
     connector._lookups.clear()
     connector.get_num_new_matched_tokens(arriving, 0)
@@ -522,3 +527,89 @@ def test_worker_declines_chunks_its_slow_tier_would_load_slower_than_recompute(v
     assert connector._serve_lookup(tokens) == (4, 2, 2)
     assert connector.get_kv_connector_stats().data["declined_load_tokens"] == 2 * CHUNK
     engine.close()
+
+
+# --- asynchronous loads from lower tiers (LMCACHE_ENABLE_ASYNC_LOADING) --------------------------
+
+
+def test_a_hit_from_a_lower_tier_loads_while_the_request_waits(vllm_side: Any) -> None:
+    connector = scheduler(vllm_side, found=3, first_tier=1)
+    arriving = request(list(range(100)))
+    assert connector.get_num_new_matched_tokens(arriving, 0) == (96, True)
+    connector.update_state_after_alloc(arriving, None, 96)
+    arriving.num_computed_tokens = 96  # vLLM counts them computed while the request waits
+    meta = step(connector, {})  # not scheduled: WAITING_FOR_REMOTE_KVS
+    assert [(t.start, t.end, t.asynchronous) for t in meta.loads] == [(0, 96, True)]
+    assert step(connector, {}).loads == []  # issued once
+    connector.update_connector_output(load_outcome(vllm_side, {"r1"}))  # with finished_recving
+    meta = step(connector, {"r1": 4})
+    assert meta.loads == [] and meta.saves == []  # chunks 0-2 stored, chunk 3 not complete
+
+
+def test_a_load_vllm_made_synchronous_runs_in_the_step(vllm_side: Any) -> None:
+    """vLLM may refuse an asynchronous load (then it schedules the request at once): the load
+    must then complete before that step's forward pass."""
+    connector = scheduler(vllm_side, found=3, first_tier=1)
+    arriving = request(list(range(100)))
+    connector.get_num_new_matched_tokens(arriving, 0)
+    connector.update_state_after_alloc(arriving, None, 96)
+    arriving.num_computed_tokens = 96
+    meta = step(connector, {"r1": 4})
+    assert [(t.start, t.end, t.asynchronous) for t in meta.loads] == [(0, 96, False)]
+
+
+def test_all_in_the_first_tier_or_switched_off_loads_synchronously(vllm_side: Any) -> None:
+    assert scheduler(vllm_side, found=3, first_tier=3).get_num_new_matched_tokens(request(list(range(100))), 0) == (
+        96, False)
+    connector = scheduler(vllm_side, found=3, first_tier=1)
+    connector._async_loading = False
+    assert connector.get_num_new_matched_tokens(request(list(range(100))), 0) == (96, False)
+
+
+def test_worker_finishes_an_asynchronous_load_in_a_later_step(vllm_side: Any, tmp_path: Any) -> None:
+    module = vllm_side.module
+    source = worker(vllm_side, tmp_path)
+    tokens = np.arange(64, dtype=np.uint32)
+    blocks = [7, 2, 9, 4]
+    source.bind_connector_metadata(module.LMCacheCoreMetadata(saves=[module.Transfer("a", tokens, blocks, 0, 64)]))
+    source.wait_for_save()
+    target = worker(vllm_side, tmp_path)
+    target._engine = source._engine
+    other_blocks = [1, 3, 5, 6]
+    target.bind_connector_metadata(module.LMCacheCoreMetadata(
+        loads=[module.Transfer("b", tokens, other_blocks, 0, 64, asynchronous=True)]))
+    target.start_load_kv(None)
+    assert target.build_connector_worker_meta() is None  # nothing to report yet
+    deadline = time.monotonic() + 5
+    finished: set[str] | None = None
+    while not finished and time.monotonic() < deadline:
+        target.bind_connector_metadata(module.LMCacheCoreMetadata())  # later steps
+        target.start_load_kv(None)
+        target.wait_for_save()
+        finished = target.get_finished(set())[1]
+        time.sleep(0.01)
+    assert finished == {"b"}
+    assert target.get_block_ids_with_load_errors() == set()
+    assert target.build_connector_worker_meta().loaded == {"b"}
+    for src, dst in zip(source._layers, target._layers, strict=True):
+        for src_block, dst_block in zip(blocks, other_blocks, strict=True):
+            assert torch.equal(src[src_block], dst[dst_block])
+    target.shutdown()
+
+
+def test_worker_reports_a_failed_asynchronous_load_with_its_blocks(vllm_side: Any, tmp_path: Any) -> None:
+    module = vllm_side.module
+    target = worker(vllm_side, tmp_path)  # an empty cache: the chunks vanished since the lookup
+    tokens = np.arange(64, dtype=np.uint32)
+    target.bind_connector_metadata(module.LMCacheCoreMetadata(
+        loads=[module.Transfer("b", tokens, [1, 3, 5, 6], 0, 64, asynchronous=True)]))
+    target.start_load_kv(None)
+    deadline = time.monotonic() + 5
+    finished: set[str] | None = None
+    while not finished and time.monotonic() < deadline:
+        finished = target.get_finished(set())[1]
+        time.sleep(0.01)
+    assert finished == {"b"}
+    assert target.get_block_ids_with_load_errors() == {1, 3, 5, 6}  # in the same pass (vLLM's contract)
+    assert target.build_connector_worker_meta().failed_from == {"b": 0}
+    target.shutdown()

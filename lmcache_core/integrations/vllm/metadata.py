@@ -25,6 +25,8 @@ class Transfer:
 
     ``tokens`` are the prompt's ids up to the end of the last chunk involved (the keys are chained
     hashes, so every chunk's key needs all tokens before it); ``block_ids`` are the request's pages.
+    ``asynchronous``: a load for a request that waits for it (vLLM's ``WAITING_FOR_REMOTE_KVS``)
+    while the batch runs on; the workers report it done through ``get_finished``.
     """
 
     request_id: str
@@ -32,6 +34,7 @@ class Transfer:
     block_ids: list[int]
     start: int
     end: int
+    asynchronous: bool = False
 
 
 @dataclass

@@ -78,6 +78,7 @@ class LMCacheCoreScheduler:
         self._load_enabled = transfer_config.is_kv_consumer
         self._save_enabled = transfer_config.is_kv_producer
         self._save_generated = settings.save_decode_cache
+        self._async_loading = settings.enable_async_loading
         self._block_size = vllm_config.cache_config.block_size
         self._chunk_size = settings.chunk_size
         parallel = vllm_config.parallel_config
@@ -146,7 +147,11 @@ class LMCacheCoreScheduler:
         lookup.vllm_cached_tokens = num_computed_tokens  # for get_external_cache_hit_sources
         hit = min(lookup.loadable * self._chunk_size, request.num_prompt_tokens - 1)
         hit -= hit % self._block_size
-        return max(0, hit - num_computed_tokens), False
+        external = max(0, hit - num_computed_tokens)
+        # Chunks past the first tier come from disk or a remote store: the request waits for
+        # them on its own (vLLM's asynchronous load) instead of holding up the whole batch.
+        from_lower_tier = hit > lookup.first_tier * self._chunk_size
+        return external, bool(external) and self._async_loading and from_lower_tier
 
     def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict[CacheHitSource, int]:
         if num_external_tokens == 0:
@@ -186,24 +191,24 @@ class LMCacheCoreScheduler:
         a finished request keeps its pages meanwhile (:meth:`request_finished`).
         """
         meta = LMCacheCoreMetadata(step_tokens=sum(scheduler_output.num_scheduled_tokens.values()))
-        chunk = self._chunk_size
         for request_id in getattr(scheduler_output, "preempted_req_ids", None) or ():
             state = self._requests.get(request_id)
             if state is not None:  # its pages are freed: saves it held are lost, recomputed later
                 state.computed_chunks = state.saved_chunks
-        for request_id, num_scheduled in scheduler_output.num_scheduled_tokens.items():
+        scheduled = scheduler_output.num_scheduled_tokens
+        for request_id, state in self._requests.items():
+            # Allocated but not scheduled: vLLM took our asynchronous load and the request waits
+            # for it. (Whether a load is asynchronous is vLLM's decision, seen here: it may
+            # override ours, and then the request is scheduled and its load must be synchronous.)
+            if state.load_tokens and request_id not in scheduled and not state.finished:
+                self._issue_load(meta, state, asynchronous=True)
+        for request_id, num_scheduled in scheduled.items():
             state = self._requests.get(request_id)
             if state is None or state.finished:
                 continue
             request = state.request
             if state.load_tokens:
-                end = request.num_computed_tokens
-                start = end - state.load_tokens
-                chunk_end = -(-end // chunk) * chunk
-                meta.loads.append(Transfer(request_id, _tokens(request.prompt_token_ids or [], chunk_end),
-                                           self._block_ids(request_id), start, end))
-                state.load_tokens = 0
-                state.unconfirmed_loads += 1
+                self._issue_load(meta, state, asynchronous=False)
             if self._save_enabled:
                 state.computed_chunks = max(state.computed_chunks, self._ready_chunks(request, num_scheduled))
                 self._issue_save(meta, state, None)
@@ -216,6 +221,17 @@ class LMCacheCoreScheduler:
             self._finishing.discard(request_id)
             del self._requests[request_id]
         return meta
+
+    def _issue_load(self, meta: LMCacheCoreMetadata, state: _RequestState, *, asynchronous: bool) -> None:
+        """Load the external tokens vLLM allocated pages for (it has counted them computed)."""
+        request = state.request
+        end = request.num_computed_tokens
+        start = end - state.load_tokens
+        chunk_end = -(-end // self._chunk_size) * self._chunk_size
+        meta.loads.append(Transfer(request.request_id, _tokens(request.prompt_token_ids or [], chunk_end),
+                                   self._block_ids(request.request_id), start, end, asynchronous=asynchronous))
+        state.load_tokens = 0
+        state.unconfirmed_loads += 1
 
     def _ready_chunks(self, request: Request, num_scheduled: int) -> int:
         """Chunks whose KV is in the pages once this step has run and whose token ids are final.

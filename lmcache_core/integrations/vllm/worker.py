@@ -13,13 +13,14 @@ import logging
 import math
 import time
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from lmcache_core.backend import Chunk
-from lmcache_core.engine import CacheEngine
+from lmcache_core.engine import CacheEngine, LoadResult
 from lmcache_core.integrations.vllm import compat
 from lmcache_core.integrations.vllm.control import EngineControl
 from lmcache_core.integrations.vllm.layouts import CPU_LAYOUTS, cpu_layout_for, detect_layout
@@ -73,6 +74,8 @@ class LMCacheCoreWorker:
         self._layout: PagedLayout | None = None
         self._connector_metadata: LMCacheCoreMetadata | None = None
         self._planner: LoadPlanner | None = None
+        self._loader: ThreadPoolExecutor | None = None  # reads for asynchronous loads, one at a time
+        self._reading: dict[str, tuple[Transfer, Future[LoadResult]]] = {}  # asynchronous loads under way
         self._step_started = 0.0  # when vLLM bound this step's metadata: the forward pass follows
         self._step_load_s = 0.0  # of the step's time, spent loading
         self._failed_blocks: set[int] = set()
@@ -155,21 +158,41 @@ class LMCacheCoreWorker:
         return LookupAnswer(lookup.found, next(iter(lookup.by_tier.values()), 0), loadable)
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        """Synchronous loads complete here, before the forward pass reads the pages. Asynchronous
+        ones only start: a background thread reads the chunks (from disk or a remote tier, into
+        the first tier) and :meth:`get_finished` copies them into the pages in a later step."""
         meta = self._connector_metadata
         if meta is None or not meta.loads:
             return
-        self._load_report.loaded.update(transfer.request_id for transfer in meta.loads)
-        if self._engine is None:
-            for transfer in meta.loads:  # never promised by a lookup; be safe anyway
-                self._fail(transfer, transfer.start)
-            return
+        for transfer in meta.loads:
+            if transfer.asynchronous:
+                self._reading[transfer.request_id] = (transfer, self._read_in_background(transfer))
+        synchronous = [transfer for transfer in meta.loads if not transfer.asynchronous]
+        if synchronous:
+            self._load_report.loaded.update(transfer.request_id for transfer in synchronous)
+            self._place([(transfer, self._read(transfer)) for transfer in synchronous])
+
+    def _read(self, transfer: Transfer) -> LoadResult:
+        """The chunks from the transfer's first one on, as far as they are stored and valid."""
+        if self._engine is None:  # caching is off: never promised by a lookup; be safe anyway
+            return LoadResult([], {})
+        first = transfer.start // self._chunk_size
+        return self._engine.load(self._engine.keys(transfer.tokens)[first:])
+
+    def _read_in_background(self, transfer: Transfer) -> Future[LoadResult]:
+        if self._loader is None:
+            self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmcache-load")
+        return self._loader.submit(self._read, transfer)
+
+    def _place(self, reads: list[tuple[Transfer, LoadResult]]) -> None:
+        """Copy what was read into the pages, each chunk straight from the tier's tensor (no
+        concatenation: one copy per byte); report what was not read as failed."""
         started = time.perf_counter()
         chunk = self._chunk_size
-        pieces: list[torch.Tensor] = []
-        slots: list[torch.Tensor] = []
-        for transfer in meta.loads:
+        moved_bytes = moved_tokens = 0
+        copy_s = 0.0
+        for transfer, loaded in reads:
             first = transfer.start // chunk
-            loaded = self._engine.load(self._engine.keys(transfer.tokens)[first:])
             for tier, hits in loaded.hits_by_tier.items():
                 if hits:
                     self._stats[f"hit_tokens_{tier}"] += hits * chunk
@@ -177,21 +200,23 @@ class LMCacheCoreWorker:
             loaded_end = min(transfer.end, (first + len(chunks)) * chunk)
             if loaded_end < transfer.end:
                 self._fail(transfer, loaded_end)
-            if loaded_end <= transfer.start:
-                continue
-            kv = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=2)
-            offset = first * chunk
-            pieces.append(kv[:, :, transfer.start - offset : loaded_end - offset])
-            slots.append(slots_for(transfer.block_ids, self._block_size, transfer.start, loaded_end))
-        if pieces:
-            buffer = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
             assert self._layout is not None
-            copy_started = time.perf_counter()
-            copy_paged_kv(self._layers, buffer, torch.cat(slots), self._layout, "load")
+            for index, kv in enumerate(chunks, start=first):
+                begin, end = max(transfer.start, index * chunk), min(loaded_end, (index + 1) * chunk)
+                if begin >= end:
+                    continue
+                piece = kv if end - begin == kv.shape[2] else kv[:, :, begin - index * chunk : end - index * chunk]
+                copy_started = time.perf_counter()
+                copy_paged_kv(self._layers, piece.contiguous(), slots_for(transfer.block_ids, self._block_size,
+                                                                          begin, end), self._layout, "load")
+                copy_s += time.perf_counter() - copy_started
+                moved_tokens += end - begin
+                moved_bytes += piece.nbytes
+        if moved_tokens:
             if self._planner is not None:
-                self._planner.into_pages.observe(buffer.nbytes, time.perf_counter() - copy_started)
-            self._stats["load_tokens"] += buffer.shape[2]
-            self._stats["load_bytes"] += buffer.nbytes
+                self._planner.into_pages.observe(moved_bytes, copy_s)
+            self._stats["load_tokens"] += moved_tokens
+            self._stats["load_bytes"] += moved_bytes
         elapsed = time.perf_counter() - started
         self._step_load_s += elapsed
         self._stats["load_s"] += elapsed
@@ -244,9 +269,27 @@ class LMCacheCoreWorker:
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         """Requests whose pages vLLM kept for our saves (``request_finished`` returned True) and
-        whose saves are done."""
+        whose saves are done; requests whose asynchronous loads are done (the chunks read meanwhile
+        are copied into the pages now, after this step's forward pass, which does not touch the
+        pages of a request waiting for its KV)."""
         released, self._released = self._released, set()
-        return released or None, None
+        return released or None, self._finish_background_reads() or None
+
+    def _finish_background_reads(self) -> set[str]:
+        done = [request_id for request_id, (_, read) in self._reading.items() if read.done()]
+        reads = []
+        for request_id in done:
+            transfer, read = self._reading.pop(request_id)
+            try:
+                loaded = read.result()
+            except Exception:  # a tier error the stack did not absorb: recompute, never fail vLLM
+                log.exception("lmcache-core: an asynchronous load failed; its tokens are recomputed")
+                loaded = LoadResult([], {})
+            reads.append((transfer, loaded))
+        if reads:
+            self._load_report.loaded.update(done)
+            self._place(reads)
+        return set(done)
 
     def build_connector_worker_meta(self) -> LMCacheCoreWorkerMeta | None:
         report, self._load_report = self._load_report, LMCacheCoreWorkerMeta()
@@ -276,6 +319,8 @@ class LMCacheCoreWorker:
     def shutdown(self) -> None:
         if self._server is not None:
             self._server.close()
+        if self._loader is not None:
+            self._loader.shutdown(wait=True, cancel_futures=True)
         if self._engine is not None:
             self._maybe_log(force=True)
             self._engine.close()  # waits for the background writes to disk/remote tiers
