@@ -102,7 +102,8 @@ def restarted_run(
     spec = EngineSpec(model=model_path, connector="lmcache", max_num_batched_tokens=MAX_BATCHED,
                       enable_prefix_caching=True, use_module_path=False, env={**lmcache_env(disk_dir), **plugin_env},
                       num_gpu_blocks_override=TIGHT_KV_BLOCKS, max_model_len=(TIGHT_KV_BLOCKS - 1) * BLOCK)
-    workload = Workload([[PROMPT_4K], [PROMPT_4K], CROWD, CROWD], round_max_tokens=[8, 8, *MAX_TOKENS[-2:]])
+    workload = Workload([[PROMPT_4K], [PROMPT_4K], CROWD, CROWD],
+                        round_max_tokens=[8, 8, CROWD_MAX_TOKENS, CROWD_MAX_TOKENS])
     return run_engine(spec, workload)
 
 

@@ -61,7 +61,14 @@ def assert_same_generation(got: dict[str, Any], want: dict[str, Any]) -> None:
     loaded one (cause not pinned down). The greedy tokens are the contract; the tolerance only
     catches gross errors such as KV from the wrong chunk.
     """
-    assert got["token_ids"] == want["token_ids"], f"request {got['label']}: greedy tokens differ"
+    if got["token_ids"] != want["token_ids"]:
+        got_ids, want_ids = got["token_ids"], want["token_ids"]
+        pairs = zip(got_ids, want_ids, strict=False)
+        at = next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(got_ids), len(want_ids)))
+        near = [round(x, 4) for x in got["logprobs"][max(0, at - 1) : at + 1]]
+        raise AssertionError(f"request {got['label']}: greedy tokens differ from token {at} of "
+                             f"{len(want['token_ids'])} on (log-probabilities there: {near} vs "
+                             f"{[round(x, 4) for x in want['logprobs'][max(0, at - 1) : at + 1]]})")
     np.testing.assert_allclose(got["logprobs"], want["logprobs"], atol=5e-3, err_msg=got["label"])
 
 
