@@ -63,7 +63,7 @@ def lmcache_totals(log: str) -> dict[str, Any]:
 def run_engine_retrying_start(spec: EngineSpec, workload: Workload) -> dict[str, Any]:
     """``run_engine``, but a tensor-parallel vLLM that fails to *start* gets one more try.
 
-    vLLM's TP start on CPU sometimes fails in its shared-memory setup. Only start failures are
+    vLLM's TP start on CPU has been seen to fail now and then. Only start failures are
     retried (a failure once requests run is a finding), and the retry is printed with the first
     attempt's root cause; the result records it as ``start_retry_cause``."""
     if spec.tensor_parallel_size == 1:
