@@ -6,11 +6,15 @@ talks nonsense, but it is a real ``LlamaForCausalLM`` that vLLM serves with its 
 its KV cache has the real shape, and greedy decoding is deterministic. That is all a KV-cache test
 needs: "same greedy tokens with and without the cache" is a strong check even on random weights.
 
+:func:`build_tiny_model` also builds a Mistral whose layers all use a sliding window and a
+text-only Gemma 3 that mixes sliding-window and full-attention layers, the same way.
+
 The build is cached: a folder with a matching marker file is returned as is, so a test session or
 the demo pays the ~10 s build once per machine. Builds go to a temporary sibling folder that is
 renamed into place, so two processes building at once never see half a model.
 
     python -m lmcache_core.testing.tiny_model ~/.cache/lmcache-core/tiny-llama
+    python -m lmcache_core.testing.tiny_model --architecture gemma3 --sliding-window 256
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import sysconfig
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 MARKER = "lmcache-tiny-model.json"
 BUILD_VERSION = 2
@@ -111,9 +116,14 @@ def _is_complete(path: Path, params: dict) -> bool:
         return False
 
 
-def build_tiny_llama(
-    path: str | os.PathLike[str] = DEFAULT_PATH,
+ARCHITECTURES = ("llama", "mistral", "gemma3")
+
+
+def build_tiny_model(
+    path: str | os.PathLike[str] | None = None,
     *,
+    architecture: str = "llama",
+    sliding_window: int | None = None,
     hidden_size: int = 256,
     num_layers: int = 4,
     num_heads: int = 4,
@@ -123,12 +133,25 @@ def build_tiny_llama(
     max_position_embeddings: int = 16384,
     seed: int = 0,
 ) -> Path:
-    """Build (once) a tiny float32 Llama with its tokenizer at ``path`` and return the folder.
+    """Build (once) a tiny float32 causal LM with its tokenizer at ``path`` and return the folder.
+
+    ``architecture`` picks how its layers attend (``path`` defaults to a cache folder per choice):
+
+    - ``"llama"``: full attention everywhere (:func:`build_tiny_llama`);
+    - ``"mistral"``: every layer attends to the last ``sliding_window`` tokens only;
+    - ``"gemma3"``: text-only Gemma 3, a hybrid: sliding-window and full-attention layers alternate.
 
     KV per token is ``2 * num_layers * num_kv_heads * head_dim * 4`` bytes (4 KiB by default).
     """
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture must be one of {', '.join(ARCHITECTURES)}, got {architecture!r}")
+    if (sliding_window is None) != (architecture == "llama"):
+        raise ValueError(f"sliding_window is required for {architecture!r} and refused for 'llama'")
+    if path is None:
+        name = "tiny-llama" if architecture == "llama" else f"tiny-{architecture}-{sliding_window}"
+        path = DEFAULT_PATH.with_name(name)
     path = Path(path).expanduser().resolve()
-    params = {
+    params: dict[str, Any] = {
         "build_version": BUILD_VERSION,
         "hidden_size": hidden_size,
         "num_layers": num_layers,
@@ -139,11 +162,13 @@ def build_tiny_llama(
         "max_position_embeddings": max_position_embeddings,
         "seed": seed,
     }
+    if architecture != "llama":  # a Llama build's marker stays as it was: existing builds remain valid
+        params.update(architecture=architecture, sliding_window=sliding_window)
     if _is_complete(path, params):
         return path
 
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
@@ -158,7 +183,7 @@ def build_tiny_llama(
         tokenizer.chat_template = CHAT_TEMPLATE
         tokenizer.save_pretrained(staging)
 
-        config = LlamaConfig(
+        common: dict[str, Any] = dict(
             vocab_size=len(tokenizer),
             hidden_size=hidden_size,
             intermediate_size=intermediate_size,
@@ -179,10 +204,11 @@ def build_tiny_llama(
             # digests, hence different cache keys: their KV must never be shared.
             lmcache_tiny_model_seed=seed,
         )
+        config, model_class = _config_and_class(architecture, common, sliding_window)
         generator_state = torch.random.get_rng_state()
         try:
             torch.manual_seed(seed)
-            model = LlamaForCausalLM(config).to(torch.float32).eval()
+            model = model_class(config).to(torch.float32).eval()
         finally:
             torch.random.set_rng_state(generator_state)
         model.save_pretrained(staging, safe_serialization=True)
@@ -204,12 +230,42 @@ def build_tiny_llama(
     return path
 
 
+def _config_and_class(architecture: str, common: dict[str, Any], sliding_window: int | None) -> tuple[Any, Any]:
+    """The transformers config and model class of a tiny ``architecture``."""
+    if architecture == "mistral":
+        from transformers import MistralConfig, MistralForCausalLM
+
+        return MistralConfig(**common, sliding_window=sliding_window), MistralForCausalLM
+    if architecture == "gemma3":
+        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+        head_dim = common["hidden_size"] // common["num_attention_heads"]
+        layer_types = ["full_attention" if layer % 2 else "sliding_attention"
+                       for layer in range(common["num_hidden_layers"])]
+        config = Gemma3TextConfig(**{**common, "tie_word_embeddings": True}, head_dim=head_dim,
+                                  query_pre_attn_scalar=head_dim, sliding_window=sliding_window,
+                                  layer_types=layer_types)
+        return config, Gemma3ForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaConfig(**common), LlamaForCausalLM
+
+
+def build_tiny_llama(path: str | os.PathLike[str] = DEFAULT_PATH, **shape: Any) -> Path:
+    """Build (once) a tiny float32 Llama with its tokenizer at ``path`` and return the folder
+    (``shape``: the keyword arguments of :func:`build_tiny_model`, ``seed`` included)."""
+    return build_tiny_model(path, architecture="llama", **shape)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("path", nargs="?", default=str(DEFAULT_PATH))
+    parser.add_argument("path", nargs="?", help=f"default: {DEFAULT_PATH} (tiny-ARCHITECTURE-WINDOW beside it)")
+    parser.add_argument("--architecture", choices=ARCHITECTURES, default="llama")
+    parser.add_argument("--sliding-window", type=int, help="required for mistral and gemma3")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    print(build_tiny_llama(args.path, seed=args.seed))
+    print(build_tiny_model(args.path, architecture=args.architecture, sliding_window=args.sliding_window,
+                           seed=args.seed))
 
 
 if __name__ == "__main__":

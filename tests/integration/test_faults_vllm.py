@@ -24,12 +24,12 @@ rank may store them.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
 import pytest
 from vllm_support import (
+    TP2_ENV,
     assert_same_generation,
     complete,
     entry_point_env,
@@ -37,6 +37,7 @@ from vllm_support import (
     needs_vllm,
     openai_server,
     random_prompt,
+    run_engine_retrying_start,
 )
 
 from lmcache_core.integrations.vllm.harness import EngineSpec, Workload, run_engine
@@ -52,7 +53,6 @@ ROUNDS: list[list[list[int] | str]] = [
     [SHARED], [AFTER_FAILED_LOAD], [AFTER_FAILED_LOAD], [FINISHES_IN_LOAD_STEP], [FINISHES_IN_LOAD_STEP],
 ]
 MAX_TOKENS = [4, 8, 8, 1, 8]
-log = logging.getLogger(__name__)
 
 
 def flaky_env(tmp_path_factory: pytest.TempPathFactory, **settings: str) -> dict[str, str]:
@@ -74,15 +74,6 @@ def failed_load_tokens(log_text: str) -> int:
     return max(int(totals.get("failed_load_tokens", 0)) for totals in every_rank_totals(log_text))
 
 
-def run_with_one_retry(spec: EngineSpec, workload: Workload) -> dict[str, Any]:
-    """vLLM's TP start on CPU sometimes fails in its shared-memory setup: retry once, and say so."""
-    try:
-        return run_engine(spec, workload)
-    except RuntimeError as error:
-        log.warning("vLLM start failed, retrying once: %s", str(error)[-500:])
-        return run_engine(spec, workload)
-
-
 @pytest.fixture(scope="module")
 def flaky_run(model_path: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     spec = EngineSpec(model=model_path, connector="lmcache", max_num_batched_tokens=2048,
@@ -92,11 +83,10 @@ def flaky_run(model_path: str, tmp_path_factory: pytest.TempPathFactory) -> dict
 
 @pytest.fixture(scope="module")
 def flaky_tp2_run(model_path: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    env = {**flaky_env(tmp_path_factory, failing_loads="1", missing_position="1", only_rank="0"),
-           "VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+    env = {**flaky_env(tmp_path_factory, failing_loads="1", missing_position="1", only_rank="0"), **TP2_ENV}
     spec = EngineSpec(model=model_path, connector="lmcache", max_num_batched_tokens=2048, tensor_parallel_size=2,
                       env=env)
-    return run_with_one_retry(spec, Workload(ROUNDS[:3], round_max_tokens=MAX_TOKENS[:3]))
+    return run_engine_retrying_start(spec, Workload(ROUNDS[:3], round_max_tokens=MAX_TOKENS[:3]))
 
 
 @pytest.mark.parametrize("run", ["flaky_run", "flaky_tp2_run"])
@@ -118,7 +108,9 @@ def test_request_finishing_in_its_loading_step_is_saved_after_it(flaky_run: dict
 
 @pytest.fixture(scope="module")
 def slow_loading_server(model_path: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    env = flaky_env(tmp_path_factory, failing_loads="0", load_delay_s="4")
+    # A tier that takes 4 s per load loses to recomputing: without this the load planner, having
+    # measured the aborted request's load, would decline the hit of the reload the test checks.
+    env = {**flaky_env(tmp_path_factory, failing_loads="0", load_delay_s="4"), "LMCACHE_SKIP_SLOW_LOADS": "false"}
     with openai_server(model_path, env, tmp_path_factory.mktemp("serve-slow") / "vllm-serve.log") as handle:
         yield handle
 

@@ -141,3 +141,55 @@ def test_mla_pages_round_trip_through_the_engine_and_are_kept_without_a_copy(mod
         assert target.get_kv_connector_stats().data["hit_tokens_cpu"] == 64
     finally:
         source.shutdown()
+
+
+def test_a_worker_started_on_mla_caches_stores_and_loads_one_latent_per_token(
+    module: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The whole start-up path on an MLA model's caches ([blocks, block_size, latent], one tensor
+    per token instead of K and V): layout detection, the chunk layout (kv_factor 1), the engine's
+    scope; then a chunk saved from some pages loads into others through the same ``CacheEngine``."""
+    import vllm.distributed
+    from vllm.v1.kv_cache_interface import MLAAttentionSpec
+
+    from lmcache_core.integrations.vllm.paged import PagedLayout
+    from lmcache_core.keys import KVLayout
+
+    # A single-process "world": rank 0 of 1 (vLLM's groups are not initialized without an engine).
+    monkeypatch.setattr(vllm.distributed, "get_pp_group", lambda: SimpleNamespace(rank_in_group=0))
+    monkeypatch.setattr(vllm.distributed, "get_tensor_model_parallel_rank", lambda: 0)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))  # the lookup socket's folder
+    latent = 24
+    config = vllm_config(model_revision="test")
+    mla_layer = SimpleNamespace(attn_backend=SimpleNamespace(get_name=lambda: "TRITON_MLA"), use_mla=True)
+    config.compilation_config = SimpleNamespace(static_forward_context={f"layer.{i}": mla_layer for i in range(LAYERS)})
+    config.cache_config = SimpleNamespace(block_size=BLOCK, cache_dtype="auto")
+    config.model_config = SimpleNamespace(model="tiny-mla", revision=None, dtype=torch.float32, quantization=None,
+                                          hf_config=SimpleNamespace(to_dict=lambda: {"kv_lora_rank": 16}))
+    config.load_config = SimpleNamespace(download_dir=None)
+    spec = MLAAttentionSpec(block_size=BLOCK, num_kv_heads=1, head_size=latent, dtype=torch.float32)
+    kv_cache_config = SimpleNamespace(kv_cache_groups=[SimpleNamespace(kv_cache_spec=spec)])
+    connector = module.LMCacheCoreConnector(config, module.KVConnectorRole.WORKER, kv_cache_config)
+    pages = [torch.randn(NUM_BLOCKS, BLOCK, latent) for _ in range(LAYERS)]
+    try:
+        connector.register_kv_caches({f"layer.{i}": layer for i, layer in enumerate(pages)})
+        worker = connector.connector_worker
+        assert worker._layout is PagedLayout.MLA
+        assert worker._engine.scope.layout == KVLayout(LAYERS, 1, latent, "float32", kv_factor=1)
+
+        tokens = np.arange(2 * CHUNK, dtype=np.uint32)
+        connector.bind_connector_metadata(module.LMCacheCoreMetadata(saves=[module.Transfer("a", tokens, [5, 1, 7, 2],
+                                                                                            0, 2 * CHUNK)]))
+        connector.wait_for_save()
+        stored = worker._engine.load(worker._engine.keys(tokens)).chunks
+        assert [tuple(chunk.shape) for chunk in stored] == [(LAYERS, 1, CHUNK, 1, latent)] * 2
+
+        connector.bind_connector_metadata(module.LMCacheCoreMetadata(loads=[module.Transfer("b", tokens, [0, 3, 4, 6],
+                                                                                            0, 2 * CHUNK)]))
+        connector.start_load_kv(None)
+        assert connector.get_block_ids_with_load_errors() == set()
+        for layer in pages:
+            for source, target in zip([5, 1, 7, 2], [0, 3, 4, 6], strict=True):
+                assert torch.equal(layer[target], layer[source])
+    finally:
+        connector.shutdown()

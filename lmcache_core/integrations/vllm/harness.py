@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -27,6 +28,28 @@ from pathlib import Path
 from typing import Any
 
 CONNECTOR_MODULE = "lmcache_core.integrations.vllm"
+# The child prints this once vLLM's engine is up: a run that fails without it failed to start.
+STARTED_LINE = "lmcache-harness: engine started"
+
+
+class EngineStartError(RuntimeError):
+    """vLLM exited before its engine was up: no request ran. ``cause``: the first exception line of
+    its output, the root cause where the workers' tracebacks end in a generic start-up error."""
+
+    def __init__(self, message: str, cause: str) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
+def first_error(log: str) -> str:
+    """The first ``SomethingError: message`` line after the first traceback of a log (else its last
+    line), without vLLM's prefix. vLLM warns about optional imports with such lines before it starts."""
+    traceback = log.find("Traceback (most recent call last)")
+    match = re.search(r"\b([A-Za-z_.]*(?:Error|Exception)): (.*)$", log[max(traceback, 0):], re.MULTILINE)
+    if match is not None:
+        return f"{match[1]}: {match[2].strip()}"
+    lines = [line for line in log.splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "no output"
 
 
 @dataclass
@@ -60,7 +83,10 @@ class Workload:
 
 
 def run_engine(spec: EngineSpec, workload: Workload, timeout_s: float = 900.0) -> dict[str, Any]:
-    """Start vLLM with ``spec`` in a child process, run ``workload``, return its JSON result."""
+    """Start vLLM with ``spec`` in a child process, run ``workload``, return its JSON result.
+
+    Raises :class:`EngineStartError` when vLLM exits before its engine is up, RuntimeError when it
+    fails later."""
     with tempfile.TemporaryDirectory(prefix="lmcache-harness-") as folder:
         spec_path, result_path = Path(folder, "spec.json"), Path(folder, "result.json")
         spec_path.write_text(json.dumps({"spec": asdict(spec), "workload": asdict(workload)}))
@@ -73,11 +99,14 @@ def run_engine(spec: EngineSpec, workload: Workload, timeout_s: float = 900.0) -
                 [sys.executable, "-m", __name__, str(spec_path), str(result_path)],
                 env=env, stdout=log_file, stderr=subprocess.STDOUT, timeout=timeout_s, check=False,
             )
+        log = log_path.read_text(errors="replace")
         if process.returncode != 0 or not result_path.exists():
-            tail = log_path.read_text(errors="replace")[-6000:]
-            raise RuntimeError(f"vLLM run failed (exit {process.returncode}); last output:\n{tail}")
+            if STARTED_LINE not in log:
+                raise EngineStartError(f"vLLM failed to start (exit {process.returncode}): {first_error(log)}; "
+                                       f"last output:\n{log[-6000:]}", first_error(log))
+            raise RuntimeError(f"vLLM run failed (exit {process.returncode}); last output:\n{log[-6000:]}")
         result = json.loads(result_path.read_text())
-        result["log"] = log_path.read_text(errors="replace")
+        result["log"] = log
         return result
 
 
@@ -119,6 +148,7 @@ def _child(spec_path: str, result_path: str) -> None:
         **kwargs,
     )
     startup_s = time.perf_counter() - started
+    print(f"{STARTED_LINE} in {startup_s:.1f} s", flush=True)
     rounds: list[dict[str, Any]] = []
     sent: list[list[Any]] = []  # the prompts as sent, per round
     for index, prompts in enumerate(workload.rounds):
