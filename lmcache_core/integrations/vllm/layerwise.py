@@ -9,8 +9,8 @@ moves the step's KV in those hooks instead of all layers at once around the forw
   On CUDA every layer's host-to-device copy and scatter is queued at once on a side stream, with an
   event per layer; layer ``i``'s hook makes the compute stream wait for event ``i`` only, so layer
   0 computes while later layers still arrive. On CPU layer 0 is copied at once and layer ``i``
-  when its hook comes (there is no second engine to overlap with, but a layer's copy then runs
-  while its pages are hot and the step never waits for layers it has not reached).
+  when its hook comes: there is no copy engine to overlap with, so the copies are the same ones,
+  spread through the forward pass.
 - saves: layer ``i``'s hook gathers layer ``i`` of the step's completed chunks into their buffers.
   On CUDA the gather runs on the side stream after an event recorded on the compute stream (layer
   ``i``'s KV is written), into a device staging buffer and from there into pinned host memory,
@@ -87,6 +87,7 @@ class LayerwiseCopies:
             with torch.cuda.stream(self._stream):
                 self._stream.wait_event(ready)
                 self._loads = [(_pinned(buffer), _on_device(slots, self._layers[0])) for buffer, slots in pieces]
+                self._loaded = []
                 for layer in layers:
                     self._copy(layer, self._loads, "load")
                     event = torch.cuda.Event()
