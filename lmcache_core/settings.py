@@ -132,8 +132,10 @@ class Settings(BaseSettings):
         "variable of the same name; on by default here.",
     )
     use_layerwise: bool = Field(
-        False, description="Load and save layer by layer, pipelined with the forward pass, as LMCache's variable of "
-        "the same name. Accepted; takes effect in a later release.",
+        False, description="vLLM: load and save layer by layer, pipelined with the forward pass, as LMCache's "
+        "variable of the same name: on a GPU each layer's copies run on a side CUDA stream and a layer waits only "
+        "for its own KV; on CPU each layer is copied when vLLM reaches it. Asynchronous loads stay whole-request. "
+        "Under CUDA graphs vLLM then uses piecewise graphs.",
     )
     enable_async_loading: bool = Field(
         True, description="vLLM: a request whose hit is partly in a lower tier (disk, remote) waits for its KV "
@@ -269,7 +271,7 @@ class Settings(BaseSettings):
 
 
 # Settings above that are accepted with LMCache's meaning but do nothing yet.
-NOT_YET_IMPLEMENTED = ("use_layerwise", "enable_blending")
+NOT_YET_IMPLEMENTED = ("enable_blending",)
 
 
 # --- legacy LMCache names ----------------------------------------------------------------------

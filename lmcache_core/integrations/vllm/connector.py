@@ -18,6 +18,11 @@ How a request flows through it:
 4. ``wait_for_save`` (after the forward pass): gathers the completed chunks from the pages in one
    copy and hands them to the tier stack, which writes the first tier (memory) at once and the
    lower tiers (disk, remote) on background threads, so a slow tier never stalls inference.
+
+   With ``LMCACHE_USE_LAYERWISE`` the copies of steps 3 and 4 move one layer at a time in vLLM's
+   per-layer hooks, ``wait_for_layer_load`` and ``save_kv_layer`` (:mod:`.layerwise`); what loads
+   and what fails is still decided in ``start_load_kv``, and the chunks still reach the tiers in
+   ``wait_for_save``.
 5. Saves that depend on a load wait for its outcome. Chunks computed in the step that loads a
    request's hit attend to the loaded pages; if any rank's load failed they are garbage, and a
    stored chunk is never overwritten. So the workers report each step's loads back
@@ -205,12 +210,17 @@ class LMCacheCoreConnector(KVConnectorBase_V1):
         self._worker().start_load_kv(forward_context, **kwargs)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        """Loads complete in ``start_load_kv`` (a host-memory copy on CPU); nothing to wait for."""
+        """Layer by layer (``LMCACHE_USE_LAYERWISE``): the layer's loaded pages are made ready here.
+        Otherwise loads complete in ``start_load_kv`` and this does nothing."""
+        self._worker().wait_for_layer_load(layer_name)
 
     def save_kv_layer(
         self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata, **kwargs: Any
     ) -> None:
-        """Saving happens once per step in ``wait_for_save``, for all layers in one pass."""
+        """Layer by layer (``LMCACHE_USE_LAYERWISE``): the layer's part of the step's saves starts
+        here (from the pages registered under ``layer_name``, which ``kv_layer`` is). Otherwise
+        saving happens once per step in ``wait_for_save``, for all layers in one pass."""
+        self._worker().save_kv_layer(layer_name)
 
     def wait_for_save(self) -> None:
         self._worker().wait_for_save()
@@ -228,6 +238,12 @@ class LMCacheCoreConnector(KVConnectorBase_V1):
         if self.connector_worker is None:  # vLLM asks both roles
             return None
         return self.connector_worker.get_kv_connector_stats()
+
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        """Layer by layer, the per-layer hooks must run between CUDA-graph pieces (a full graph
+        would replay without them): vLLM then switches a full-graph mode to piecewise."""
+        return load_connector_settings(dict(extra_config or {})).use_layerwise
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:

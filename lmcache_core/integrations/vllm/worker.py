@@ -23,6 +23,7 @@ from lmcache_core.backend import Chunk
 from lmcache_core.engine import CacheEngine, LoadResult
 from lmcache_core.integrations.vllm import compat
 from lmcache_core.integrations.vllm.control import EngineControl
+from lmcache_core.integrations.vllm.layerwise import LayerwiseCopies, Piece
 from lmcache_core.integrations.vllm.layouts import CPU_LAYOUTS, cpu_layout_for, detect_layout
 from lmcache_core.integrations.vllm.lookup import LookupAnswer, LookupServer, socket_path
 from lmcache_core.integrations.vllm.metadata import (
@@ -77,7 +78,10 @@ class LMCacheCoreWorker:
         self._loader: ThreadPoolExecutor | None = None  # reads for asynchronous loads, one at a time
         self._reading: dict[str, tuple[Transfer, Future[LoadResult]]] = {}  # asynchronous loads under way
         self._step_started = 0.0  # when vLLM bound this step's metadata: the forward pass follows
-        self._step_load_s = 0.0  # of the step's time, spent loading
+        self._step_load_s = 0.0  # of the step's time, spent loading (and, layer by layer, saving)
+        self._layerwise: LayerwiseCopies | None = None  # LMCACHE_USE_LAYERWISE
+        self._layerwise_saves: list[Chunk] | None = None  # the step's chunks being filled layer by layer
+        self._layerwise_load_bytes = 0  # loaded layer by layer this step
         self._failed_blocks: set[int] = set()
         self._load_report = LMCacheCoreWorkerMeta()  # this step's loads, for the scheduler
         self._released: set[str] = set()  # finished requests whose saves are done
@@ -144,6 +148,8 @@ class LMCacheCoreWorker:
         self._planner = LoadPlanner(self._chunk_size, chunk_bytes, enabled=self._settings.skip_slow_loads)
         self._layers = list(kv_caches.values())
         self._layout = layout
+        if self._settings.use_layerwise:
+            self._layerwise = LayerwiseCopies(list(kv_caches), self._layers, layout)
 
     def _serve_lookup(self, tokens: np.ndarray) -> LookupAnswer:
         """Runs on the lookup server's thread: chunks in any tier, of which the first tier serves,
@@ -158,9 +164,11 @@ class LMCacheCoreWorker:
         return LookupAnswer(lookup.found, next(iter(lookup.by_tier.values()), 0), loadable)
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
-        """Synchronous loads complete here, before the forward pass reads the pages. Asynchronous
-        ones only start: a background thread reads the chunks (from disk or a remote tier, into
-        the first tier) and :meth:`get_finished` copies them into the pages in a later step."""
+        """Synchronous loads complete here, before the forward pass reads the pages; layer by layer
+        (``LMCACHE_USE_LAYERWISE``) they start here and each layer completes in
+        :meth:`wait_for_layer_load`, but what loads and what fails is decided here either way.
+        Asynchronous loads only start: a background thread reads the chunks (from disk or a remote
+        tier, into the first tier) and :meth:`get_finished` copies them into the pages in a later step."""
         meta = self._connector_metadata
         if meta is None or not meta.loads:
             return
@@ -170,7 +178,15 @@ class LMCacheCoreWorker:
         synchronous = [transfer for transfer in meta.loads if not transfer.asynchronous]
         if synchronous:
             self._load_report.loaded.update(transfer.request_id for transfer in synchronous)
-            self._place([(transfer, self._read(transfer)) for transfer in synchronous])
+            self._place([(transfer, self._read(transfer)) for transfer in synchronous], layerwise=True)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        """vLLM's hook before attention layer ``layer_name`` runs: its loaded pages must be ready."""
+        if self._layerwise is None:
+            return
+        started = time.perf_counter()
+        self._layerwise.wait_for_layer(layer_name)
+        self._step_load_s += time.perf_counter() - started
 
     def _read(self, transfer: Transfer) -> LoadResult:
         """The chunks from the transfer's first one on, as far as they are stored and valid."""
@@ -184,13 +200,37 @@ class LMCacheCoreWorker:
             self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmcache-load")
         return self._loader.submit(self._read, transfer)
 
-    def _place(self, reads: list[tuple[Transfer, LoadResult]]) -> None:
+    def _place(self, reads: list[tuple[Transfer, LoadResult]], layerwise: bool = False) -> None:
         """Copy what was read into the pages, each chunk straight from the tier's tensor (no
-        concatenation: one copy per byte); report what was not read as failed."""
+        concatenation: one copy per byte); report what was not read as failed. ``layerwise``
+        (and ``LMCACHE_USE_LAYERWISE`` on): only start the copies; vLLM's per-layer hooks and
+        :meth:`wait_for_save` complete them."""
         started = time.perf_counter()
+        pieces = self._pieces(reads)
+        moved_tokens = sum(slots.numel() for _, slots in pieces)
+        moved_bytes = sum(piece.nbytes for piece, _ in pieces)
+        if moved_tokens:
+            self._stats["load_tokens"] += moved_tokens
+            self._stats["load_bytes"] += moved_bytes
+        if layerwise and self._layerwise is not None:
+            self._layerwise_load_bytes += moved_bytes
+            self._stats["load_s"] += time.perf_counter() - started  # the copies' share: when the step ends
+            self._layerwise.start_loads(pieces)
+        else:
+            assert self._layout is not None
+            copy_started = time.perf_counter()
+            for piece, slots in pieces:
+                copy_paged_kv(self._layers, piece, slots, self._layout, "load")
+            if moved_tokens and self._planner is not None:
+                self._planner.into_pages.observe(moved_bytes, time.perf_counter() - copy_started)
+            self._stats["load_s"] += time.perf_counter() - started
+        self._step_load_s += time.perf_counter() - started
+
+    def _pieces(self, reads: list[tuple[Transfer, LoadResult]]) -> list[Piece]:
+        """What was read, as (chunk or the loaded part of one, slots of its tokens); the tokens that
+        were not read are reported as failed, so vLLM recomputes them."""
         chunk = self._chunk_size
-        moved_bytes = moved_tokens = 0
-        copy_s = 0.0
+        pieces: list[Piece] = []
         for transfer, loaded in reads:
             first = transfer.start // chunk
             for tier, hits in loaded.hits_by_tier.items():
@@ -200,26 +240,13 @@ class LMCacheCoreWorker:
             loaded_end = min(transfer.end, (first + len(chunks)) * chunk)
             if loaded_end < transfer.end:
                 self._fail(transfer, loaded_end)
-            assert self._layout is not None
             for index, kv in enumerate(chunks, start=first):
                 begin, end = max(transfer.start, index * chunk), min(loaded_end, (index + 1) * chunk)
                 if begin >= end:
                     continue
                 piece = kv if end - begin == kv.shape[2] else kv[:, :, begin - index * chunk : end - index * chunk]
-                copy_started = time.perf_counter()
-                copy_paged_kv(self._layers, piece.contiguous(), slots_for(transfer.block_ids, self._block_size,
-                                                                          begin, end), self._layout, "load")
-                copy_s += time.perf_counter() - copy_started
-                moved_tokens += end - begin
-                moved_bytes += piece.nbytes
-        if moved_tokens:
-            if self._planner is not None:
-                self._planner.into_pages.observe(moved_bytes, copy_s)
-            self._stats["load_tokens"] += moved_tokens
-            self._stats["load_bytes"] += moved_bytes
-        elapsed = time.perf_counter() - started
-        self._step_load_s += elapsed
-        self._stats["load_s"] += elapsed
+                pieces.append((piece.contiguous(), slots_for(transfer.block_ids, self._block_size, begin, end)))
+        return pieces
 
     def _fail(self, transfer: Transfer, from_token: int) -> None:
         """Report the pages of tokens ``[from_token, end)`` as not loaded: vLLM recomputes them."""
@@ -230,6 +257,20 @@ class LMCacheCoreWorker:
         failed = self._load_report.failed_from
         failed[transfer.request_id] = min(from_token, failed.get(transfer.request_id, from_token))
 
+    def save_kv_layer(self, layer_name: str) -> None:
+        """vLLM's hook after attention layer ``layer_name`` has written this step's KV: layer by
+        layer, gather it into the step's chunk buffers (the first call of a step allocates them)."""
+        if self._layerwise is None:
+            return
+        meta = self._connector_metadata
+        if meta is None or not meta.saves or self._engine is None:
+            return
+        started = time.perf_counter()
+        if self._layerwise_saves is None:
+            self._start_layerwise_saves(meta.saves)
+        self._layerwise.save_layer(layer_name)
+        self._step_load_s += time.perf_counter() - started
+
     def wait_for_save(self) -> None:
         meta = self._connector_metadata
         if meta is None:
@@ -237,7 +278,9 @@ class LMCacheCoreWorker:
         if self._planner is not None and meta.step_tokens >= self._chunk_size:  # a prefill, not a decode step
             computing_s = time.perf_counter() - self._step_started - self._step_load_s
             self._planner.prefill.observe(meta.step_tokens, computing_s)
-        if meta.saves and self._engine is not None:
+        if self._layerwise is not None:
+            self._finish_layerwise(meta)
+        elif meta.saves and self._engine is not None:
             self._save(meta.saves)
         if self._engine is not None:
             self._engine.step_finished()
@@ -245,27 +288,69 @@ class LMCacheCoreWorker:
         self._released.update(meta.released)
         self._maybe_log()
 
-    def _save(self, saves: list[Transfer]) -> None:
-        """Gather each completed chunk from the pages into a buffer of its own and hand the buffers
-        over to the engine (``owned``): the cpu tier keeps them as they are, without a second copy."""
-        assert self._engine is not None and self._layout is not None
-        started = time.perf_counter()
+    def _save_buffers(self, saves: list[Transfer], pin: bool = False) -> list[tuple[Chunk, torch.Tensor]]:
+        """A buffer of its own for each chunk the step completes (pinned host memory with ``pin``),
+        as the chunk the engine will get, with the slots to gather it from."""
+        assert self._engine is not None
         chunk = self._chunk_size
         layout = self._engine.scope.layout
         dtype = getattr(torch, layout.dtype)
-        chunks: list[Chunk] = []
+        planned: list[tuple[Chunk, torch.Tensor]] = []
         for transfer in saves:
             keys = self._engine.keys(transfer.tokens[: transfer.end])  # later chunks: not needed
             for index in range(transfer.start // chunk, transfer.end // chunk):
                 start = index * chunk
-                buffer = torch.empty(layout.chunk_shape(chunk), dtype=dtype)
+                buffer = torch.empty(layout.chunk_shape(chunk), dtype=dtype, pin_memory=pin)
                 slots = slots_for(transfer.block_ids, self._block_size, start, start + chunk)
-                copy_paged_kv(self._layers, buffer, slots, self._layout, "save")
-                chunks.append(Chunk(keys[index], buffer, index, owned=True, first_position=start))
+                planned.append((Chunk(keys[index], buffer, index, owned=True, first_position=start), slots))
+        return planned
+
+    def _save(self, saves: list[Transfer]) -> None:
+        """Gather each completed chunk from the pages into a buffer of its own and hand the buffers
+        over to the engine (``owned``): the cpu tier keeps them as they are, without a second copy."""
+        assert self._layout is not None
+        started = time.perf_counter()
+        planned = self._save_buffers(saves)
+        for chunk, slots in planned:
+            copy_paged_kv(self._layers, chunk.kv, slots, self._layout, "save")
+        self._hand_over([chunk for chunk, _ in planned], time.perf_counter() - started)
+
+    def _hand_over(self, chunks: list[Chunk], copy_s: float) -> None:
+        assert self._engine is not None
+        started = time.perf_counter()
         self._engine.save(chunks)
-        self._stats["save_tokens"] += len(chunks) * chunk
+        self._stats["save_tokens"] += len(chunks) * self._chunk_size
         self._stats["save_bytes"] += sum(c.kv.nbytes for c in chunks)
-        self._stats["save_s"] += time.perf_counter() - started
+        self._stats["save_s"] += copy_s + time.perf_counter() - started
+
+    def _start_layerwise_saves(self, saves: list[Transfer]) -> None:
+        """The step's chunk buffers, filled layer by layer: pinned when the cache is on a GPU, so
+        that each layer's device-to-host copy is asynchronous and the cpu tier adopts the buffer
+        into its (pinned) pool as it is."""
+        assert self._layerwise is not None
+        planned = self._save_buffers(saves, pin=self._layerwise.on_cuda)
+        self._layerwise.start_saves([(chunk.kv, slots) for chunk, slots in planned])
+        self._layerwise_saves = [chunk for chunk, _ in planned]
+
+    def _finish_layerwise(self, meta: LMCacheCoreMetadata) -> None:
+        """The end of a layer-by-layer step: copy the layers vLLM called no hook for, wait for the
+        copies still running, and hand the filled chunks to the engine."""
+        assert self._layerwise is not None
+        if self._layerwise_saves is None and meta.saves and self._engine is not None:
+            self._start_layerwise_saves(meta.saves)  # no save hook came this step
+        self._layerwise.finish()
+        load_s, save_s, hooked, late = self._layerwise.reset_counters()
+        if self._layerwise_load_bytes:
+            self._stats["load_s"] += load_s
+            if self._planner is not None:
+                self._planner.into_pages.observe(self._layerwise_load_bytes, load_s)
+            self._layerwise_load_bytes = 0
+        if hooked or late:
+            self._stats["layerwise_layers"] += hooked
+            self._stats["layerwise_late_layers"] += late
+        chunks, self._layerwise_saves = self._layerwise_saves, None
+        if chunks:
+            self._hand_over(chunks, save_s)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         """Requests whose pages vLLM kept for our saves (``request_finished`` returned True) and
