@@ -14,6 +14,7 @@ changes. Before anything is measured the planner loads everything (a hit is then
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Mapping
 
 # Weight of the newest observation: ~10 observations dominate the average.
@@ -21,10 +22,16 @@ _SMOOTHING = 0.2
 
 
 class Rate:
-    """Bytes (or tokens) per second, smoothed over observations; thread-safe."""
+    """Bytes (or tokens) per second, smoothed over observations; thread-safe.
 
-    def __init__(self) -> None:
+    With ``max_age_s`` a rate not observed for that long is forgotten (None): a tier judged too
+    slow is no longer read, so nothing would ever update its rate; forgetting it lets the next
+    hit be loaded and measure the tier again (it may have been a cold cache or a passing stall)."""
+
+    def __init__(self, max_age_s: float | None = None) -> None:
         self._per_second: float | None = None
+        self._observed_at = 0.0
+        self._max_age_s = max_age_s
         self._lock = threading.Lock()
 
     def observe(self, amount: float, seconds: float) -> None:
@@ -32,12 +39,15 @@ class Rate:
             return
         rate = amount / seconds
         with self._lock:
-            previous = self._per_second
+            previous = self.per_second
             self._per_second = rate if previous is None else (1 - _SMOOTHING) * previous + _SMOOTHING * rate
+            self._observed_at = time.monotonic()
 
     @property
     def per_second(self) -> float | None:
-        """None until something was observed."""
+        """None until something was observed, and again once the last observation is too old."""
+        if self._max_age_s is not None and time.monotonic() - self._observed_at > self._max_age_s:
+            return None
         return self._per_second
 
 

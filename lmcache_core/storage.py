@@ -44,6 +44,9 @@ _WRITE_OPERATIONS = frozenset({"put", "delete"})
 # A background write waits at most this long for a gap between compute steps before it runs anyway.
 MAX_WRITE_DEFER_S = 5.0
 _GATE_POLL_S = 0.05
+# A tier's read speed older than this is forgotten, so a tier judged too slow to load from gets
+# another chance to show its speed.
+_READ_SPEED_MAX_AGE_S = 60.0
 
 
 class _WriteBudget:
@@ -127,7 +130,7 @@ class _Tier:
         self.name = backend.name
         self.errors = 0
         self.dropped_writes = 0
-        self.reads = Rate()  # bytes per second of chunks read from it, promotion included
+        self.reads = Rate(max_age_s=_READ_SPEED_MAX_AGE_S)  # bytes per second read from it, promotion included
         # one pause for each kind of call: a failed write must not stop reads
         self._reads = Backoff(_BACKOFF_START_S, _BACKOFF_MAX_S)
         self._writes = Backoff(_BACKOFF_START_S, _BACKOFF_MAX_S)

@@ -94,3 +94,20 @@ def test_the_stack_measures_each_tiers_read_speed_and_a_slow_tiers_hits_are_decl
         assert plan.chunks_worth_loading({"cpu": 2, "slow": 2}, speeds) == 2
     finally:
         stack.close()
+
+
+def test_a_rate_not_observed_for_a_while_is_forgotten(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Once a tier is judged too slow nothing reads it, so nothing would refresh its speed: the old
+    measurement expires and the next hit is loaded (and measured) again."""
+    from lmcache_core import load_planner
+
+    now = [1000.0]
+    monkeypatch.setattr(load_planner.time, "monotonic", lambda: now[0])
+    rate = Rate(max_age_s=60)
+    rate.observe(10, 1.0)
+    now[0] += 59
+    assert rate.per_second == 10
+    now[0] += 2
+    assert rate.per_second is None
+    rate.observe(100, 1.0)  # a fresh start, not averaged with the forgotten value
+    assert rate.per_second == 100
