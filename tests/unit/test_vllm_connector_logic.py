@@ -148,17 +148,26 @@ def worker(vllm_side: Any, tmp_path: Any) -> Any:
     return connector
 
 
-def test_worker_save_then_load_round_trip(vllm_side: Any, tmp_path: Any) -> None:
+SAVED_TOKENS = np.arange(64, dtype=np.uint32)
+SAVED_BLOCKS, LOAD_BLOCKS = [7, 2, 9, 4], [1, 3, 5, 6]
+
+
+def saved_and_fresh_workers(vllm_side: Any, tmp_path: Any) -> tuple[Any, Any]:
+    """A worker that saved SAVED_TOKENS from SAVED_BLOCKS, and one with fresh pages on the same tiers."""
     module = vllm_side.module
     source = worker(vllm_side, tmp_path)
-    tokens = np.arange(64, dtype=np.uint32)
-    blocks = [7, 2, 9, 4]
-    source.bind_connector_metadata(module.LMCacheCoreMetadata(saves=[module.Transfer("a", tokens, blocks, 0, 64)]))
+    saves = [module.Transfer("a", SAVED_TOKENS, SAVED_BLOCKS, 0, len(SAVED_TOKENS))]
+    source.bind_connector_metadata(module.LMCacheCoreMetadata(saves=saves))
     source.wait_for_save()
-
     target = worker(vllm_side, tmp_path)
-    target._engine = source._engine  # the same tiers, fresh pages
-    other_blocks = [1, 3, 5, 6]
+    target._engine = source._engine
+    return source, target
+
+
+def test_worker_save_then_load_round_trip(vllm_side: Any, tmp_path: Any) -> None:
+    module = vllm_side.module
+    source, target = saved_and_fresh_workers(vllm_side, tmp_path)
+    tokens, blocks, other_blocks = SAVED_TOKENS, SAVED_BLOCKS, LOAD_BLOCKS
     load = module.Transfer("b", tokens, other_blocks, 0, 64)
     target.bind_connector_metadata(module.LMCacheCoreMetadata(loads=[load]))
     target.start_load_kv(None)
@@ -568,14 +577,8 @@ def test_all_in_the_first_tier_or_switched_off_loads_synchronously(vllm_side: An
 
 def test_worker_finishes_an_asynchronous_load_in_a_later_step(vllm_side: Any, tmp_path: Any) -> None:
     module = vllm_side.module
-    source = worker(vllm_side, tmp_path)
-    tokens = np.arange(64, dtype=np.uint32)
-    blocks = [7, 2, 9, 4]
-    source.bind_connector_metadata(module.LMCacheCoreMetadata(saves=[module.Transfer("a", tokens, blocks, 0, 64)]))
-    source.wait_for_save()
-    target = worker(vllm_side, tmp_path)
-    target._engine = source._engine
-    other_blocks = [1, 3, 5, 6]
+    source, target = saved_and_fresh_workers(vllm_side, tmp_path)
+    tokens, blocks, other_blocks = SAVED_TOKENS, SAVED_BLOCKS, LOAD_BLOCKS
     target.bind_connector_metadata(module.LMCacheCoreMetadata(
         loads=[module.Transfer("b", tokens, other_blocks, 0, 64, asynchronous=True)]))
     target.start_load_kv(None)
