@@ -106,11 +106,16 @@ def test_request_finishing_in_its_loading_step_is_saved_after_it(flaky_run: dict
     assert again["token_ids"][0] == finished["token_ids"][0]
 
 
-@pytest.fixture(scope="module")
-def slow_loading_server(model_path: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
+@pytest.fixture(scope="module", params=["first tier", "lower tier"])
+def slow_loading_server(request: pytest.FixtureRequest, model_path: str,
+                        tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The slow tier alone (the load runs in the step), or below a cpu tier too small to hold a
+    chunk (the load is asynchronous: the request waits in WAITING_FOR_REMOTE_KVS)."""
     # A tier that takes 4 s per load loses to recomputing: without this the load planner, having
     # measured the aborted request's load, would decline the hit of the reload the test checks.
     env = {**flaky_env(tmp_path_factory, failing_loads="0", load_delay_s="4"), "LMCACHE_SKIP_SLOW_LOADS": "false"}
+    if request.param == "lower tier":
+        env.update({"LMCACHE_TIERS": "cpu,flaky", "LMCACHE_CPU__MAX_SIZE": "256KiB"})
     with openai_server(model_path, env, tmp_path_factory.mktemp("serve-slow") / "vllm-serve.log") as handle:
         yield handle
 

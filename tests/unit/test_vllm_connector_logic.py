@@ -616,3 +616,18 @@ def test_worker_reports_a_failed_asynchronous_load_with_its_blocks(vllm_side: An
     assert target.get_block_ids_with_load_errors() == {1, 3, 5, 6}  # in the same pass (vLLM's contract)
     assert target.build_connector_worker_meta().failed_from == {"b": 0}
     target.shutdown()
+
+
+def test_a_request_aborted_during_its_asynchronous_load_is_left_to_vllm(vllm_side: Any) -> None:
+    """vLLM frees such a request's pages when the workers report the load (finished_recving);
+    holding them for a release of ours as well would report the request twice."""
+    connector = scheduler(vllm_side, found=3, first_tier=1)
+    arriving = request(list(range(100)))
+    connector.get_num_new_matched_tokens(arriving, 0)
+    connector.update_state_after_alloc(arriving, None, 96)
+    arriving.num_computed_tokens = 96
+    assert step(connector, {}).loads[0].asynchronous
+    assert connector.request_finished(arriving, [1, 2, 3]) == (False, None)
+    connector.update_connector_output(load_outcome(vllm_side, {"r1"}))  # the load's report comes later
+    meta = step(connector, {})
+    assert meta.released == [] and meta.saves == [] and not connector._requests

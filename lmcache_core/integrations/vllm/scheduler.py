@@ -54,6 +54,7 @@ class _RequestState:
     computed_chunks: int = 0  # chunks (prompt, then generated tokens) in the pages once the steps built so far ran
     load_tokens: int = 0  # external tokens to load in the request's next step
     unconfirmed_loads: int = 0  # loads sent to the workers whose outcome has not come back yet
+    waiting_for_load: bool = False  # its asynchronous load is under way (vLLM's WAITING_FOR_REMOTE_KVS)
     finished: bool = False  # vLLM finished it and keeps its pages until we release them
     block_ids: list[int] = field(default_factory=list)  # its pages, once finished
 
@@ -232,6 +233,7 @@ class LMCacheCoreScheduler:
                                    self._block_ids(request.request_id), start, end, asynchronous=asynchronous))
         state.load_tokens = 0
         state.unconfirmed_loads += 1
+        state.waiting_for_load = asynchronous
 
     def _ready_chunks(self, request: Request, num_scheduled: int) -> int:
         """Chunks whose KV is in the pages once this step has run and whose token ids are final.
@@ -272,6 +274,7 @@ class LMCacheCoreScheduler:
             if state is None:
                 continue
             state.unconfirmed_loads = max(0, state.unconfirmed_loads - 1)
+            state.waiting_for_load = False
             failed_from = report.failed_from.get(request_id)
             if failed_from is not None:
                 first_bad_chunk = failed_from // self._chunk_size
@@ -288,6 +291,12 @@ class LMCacheCoreScheduler:
         self._lookups.pop(request.request_id, None)
         state = self._requests.get(request.request_id)
         if state is None:
+            return False, None
+        if state.waiting_for_load:
+            # Aborted while its asynchronous load runs: vLLM keeps the pages until the workers
+            # report the load finished (finished_recving) and then frees them itself; nothing was
+            # computed, so there is nothing to save and no release of ours to wait for.
+            del self._requests[request.request_id]
             return False, None
         if self._save_enabled and self._save_generated:
             # the tokens computed in its last step, up to the last full chunk of the answer
