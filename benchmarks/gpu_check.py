@@ -14,29 +14,14 @@ Times are CUDA-synchronised medians of 10 runs after 3 warm-ups.
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
+from bench_kernels import timed  # benchmarks/ is the script's folder, so on sys.path
 
 from lmcache_core.engine import CacheEngine
 from lmcache_core.integrations.vllm.paged import PagedLayout, copy_paged_kv
 from lmcache_core.keys import KVLayout
 
 LAYERS, HEADS, HEAD_DIM, BLOCK, CHUNK = 32, 8, 128, 16, 256
-
-
-def timed(function, repeat: int = 10, warmup: int = 3) -> float:  # type: ignore[no-untyped-def]
-    for _ in range(warmup):
-        function()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        function()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -54,10 +39,10 @@ def main() -> None:
     nbytes = host.nbytes
     rows = []
 
-    save = timed(lambda: copy_paged_kv(cache, host, slots, PagedLayout.STANDARD, "save"))
-    raw_d2h = timed(lambda: host.copy_(device_dense, non_blocking=True))
-    load = timed(lambda: copy_paged_kv(cache, host, slots, PagedLayout.STANDARD, "load"))
-    raw_h2d = timed(lambda: device_dense.copy_(host, non_blocking=True))
+    save = timed(lambda: copy_paged_kv(cache, host, slots, PagedLayout.STANDARD, "save"), repeat=10)
+    raw_d2h = timed(lambda: host.copy_(device_dense, non_blocking=True), repeat=10)
+    load = timed(lambda: copy_paged_kv(cache, host, slots, PagedLayout.STANDARD, "load"), repeat=10)
+    raw_h2d = timed(lambda: device_dense.copy_(host, non_blocking=True), repeat=10)
     rows.append(("save: paged GPU -> pinned host (copy_paged_kv)", nbytes / save, "dense D2H copy_", nbytes / raw_d2h))
     rows.append(("load: pinned host -> paged GPU (copy_paged_kv)", nbytes / load, "dense H2D copy_", nbytes / raw_h2d))
 
