@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import logging
 import threading
+import time
 import types
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -37,10 +38,12 @@ def keys_of(chunks: Sequence[Chunk]) -> list[ChunkKey]:
 
 @pytest.fixture
 def stacks() -> Iterator[list[TierStack]]:
-    """Stacks created by a test; closed afterwards so no writer thread outlives it."""
+    """Stacks created by a test; closed afterwards so no writer thread outlives it (a step a test
+    left open is ended first, so queued writes need not wait out their deferral)."""
     created: list[TierStack] = []
     yield created
     for stack in created:
+        stack.step_finished()
         stack.close()
 
 
@@ -433,3 +436,66 @@ def test_deleting_releases_cpu_memory() -> None:
     assert backend.delete(keys_of(chunks[2:])) == 2
     assert backend.pool.used == 2 * CHUNK_BYTES
     assert backend.stats()["entries"] == 2
+
+# --- background writes between compute steps ----------------------------------------------------
+# They wait for gaps between the caller's steps (vLLM's forward passes), bounded in time and by the
+# byte budget, so they never starve.
+
+
+def two_tiers(stacks: list[TierStack], **options: object) -> tuple[TierStack, CpuBackend]:
+    lower = cpu("lower")
+    return make_stack(stacks, cpu("upper"), lower, **options), lower
+
+
+def eventually(condition, timeout: float = 5.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_writes_queued_during_a_step_reach_the_lower_tier_after_it(stacks: list[TierStack]) -> None:
+    stack, lower = two_tiers(stacks)
+    chunks = make_chunks(3)
+    stack.step_started()
+    stack.put_many(chunks)
+    time.sleep(0.3)
+    assert lower.contains(keys_of(chunks)) == 0  # still waiting for the step to end
+    stack.step_finished()
+    assert stack.flush(timeout=5)
+    assert lower.contains(keys_of(chunks)) == 3
+
+
+def test_writes_outside_steps_are_not_held(stacks: list[TierStack]) -> None:
+    stack, lower = two_tiers(stacks)
+    chunks = make_chunks(2)
+    stack.put_many(chunks)
+    assert stack.flush(timeout=5)
+    assert lower.contains(keys_of(chunks)) == 2
+
+
+def test_a_write_waits_at_most_the_defer_limit(stacks: list[TierStack], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(storage, "MAX_WRITE_DEFER_S", 0.2)
+    stack, lower = two_tiers(stacks)
+    chunks = make_chunks(2)
+    stack.step_started()  # and never finished: a server without gaps
+    stack.put_many(chunks)
+    assert eventually(lambda: lower.contains(keys_of(chunks)) == 2)
+
+
+def test_writes_run_during_a_step_once_the_queues_hold_half_the_budget(stacks: list[TierStack]) -> None:
+    stack, lower = two_tiers(stacks, write_queue_max_bytes=3 * CHUNK_BYTES)
+    chunks = make_chunks(2)  # 2 of 3 chunks' worth of budget: over half
+    stack.step_started()
+    stack.put_many(chunks)
+    assert eventually(lambda: lower.contains(keys_of(chunks)) == 2, timeout=2.0)
+
+
+def test_writes_between_steps_off_writes_at_once(stacks: list[TierStack]) -> None:
+    stack, lower = two_tiers(stacks, writes_between_steps=False)
+    chunks = make_chunks(2)
+    stack.step_started()
+    stack.put_many(chunks)
+    assert eventually(lambda: lower.contains(keys_of(chunks)) == 2, timeout=2.0)
