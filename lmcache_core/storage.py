@@ -87,6 +87,10 @@ class _StepGate:
         self._between_steps = threading.Event()
         self._between_steps.set()
 
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
     def step_started(self) -> None:
         if self._enabled:
             self._between_steps.clear()
@@ -191,17 +195,21 @@ class _Tier:
                 self.queue.task_done()
 
     def _write(self, write: _QueuedWrite) -> None:
-        """A chunk at a time, each in a gap between steps. A failed put ends the batch (an error,
-        as when it was one call); a tier whose writes are paused drops what is left of it."""
-        for index, chunk in enumerate(write.chunks):
+        """A chunk at a time, each in a gap between steps (with the gate off, the batch in one
+        call: a remote tier pipelines it). A failed put ends the batch (an error, as when it was
+        one call); a tier whose writes are paused drops what is left of it."""
+        batches = [[chunk] for chunk in write.chunks] if self._gate.enabled else [write.chunks]
+        done = 0
+        for batch in batches:
             self._gate.wait_for_gap(write.queued_at)
             if not self.accepts_writes:
-                self.dropped_writes += len(write.chunks) - index
+                self.dropped_writes += len(write.chunks) - done
                 return
             errors = self.errors
-            self.call("put", lambda c=chunk: self.backend.put_many([c]), None)
+            self.call("put", lambda b=batch: self.backend.put_many(b), None)
             if self.errors > errors:
                 return
+            done += len(batch)
 
     def close(self) -> None:
         if self.queue is not None and self.worker is not None:

@@ -499,3 +499,24 @@ def test_writes_between_steps_off_writes_at_once(stacks: list[TierStack]) -> Non
     stack.step_started()
     stack.put_many(chunks)
     assert eventually(lambda: lower.contains(keys_of(chunks)) == 2, timeout=2.0)
+
+
+class CountingCpuBackend(CpuBackend):
+    """Counts put_many calls: batching matters to remote tiers (one pipeline, one round trip)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(CpuSettings(max_size=1000 * CHUNK_BYTES), BackendContext(name, "raw"))
+        self.put_calls = 0
+
+    def put_many(self, chunks):  # type: ignore[no-untyped-def]
+        self.put_calls += 1
+        super().put_many(chunks)
+
+
+def test_with_the_gate_off_a_batch_reaches_the_lower_tier_in_one_call(stacks: list[TierStack]) -> None:
+    lower = CountingCpuBackend("lower")
+    stack = make_stack(stacks, cpu("upper"), lower, writes_between_steps=False)
+    stack.put_many(make_chunks(3))
+    assert stack.flush()
+    assert lower.put_calls == 1 and lower.contains([c.key for c in make_chunks(3)]) == 3
+
