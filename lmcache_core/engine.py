@@ -155,19 +155,23 @@ class CacheEngine:
     def store(self, tokens: Sequence[int] | np.ndarray | torch.Tensor, kv: torch.Tensor) -> int:
         """Store the chunks of ``kv`` (covering ``tokens[:kv.shape[2]]``) not stored yet.
 
-        Returns the number of tokens newly written.
+        ``kv`` has the scope's :meth:`~lmcache_core.keys.KVLayout.chunk_shape` (page-packed scopes:
+        whole pages, and only chunks of whole pages are stored). Returns the number of tokens newly
+        written.
         """
-        self._check_layout(kv)
-        num_tokens = kv.shape[2]
+        layout = self.scope.layout
+        num_tokens = self._check_layout(kv)
         if num_tokens > len(tokens):
             raise ValueError(f"kv covers {num_tokens} tokens but only {len(tokens)} token ids were given")
         keys = self.keys(tokens[:num_tokens])
         bounds = self.hasher.chunk_bounds(num_tokens, include_partial=self.settings.save_unfull_chunk)
         already = self.stack.first_tier_contains(keys)  # never wait on a remote tier to store
-        chunks = [Chunk(keys[i], kv[:, :, start:end], i, first_position=start)
-                  for i, (start, end) in enumerate(bounds) if i >= already]
+        unit = layout.token_unit
+        chunks = [Chunk(keys[i], kv.narrow(layout.token_axis, start // unit, (end - start) // unit), i,
+                        first_position=start)
+                  for i, (start, end) in enumerate(bounds) if i >= already and (end - start) % unit == 0]
         self.save(chunks)  # not owned: the tiers copy, kv stays the caller's
-        return sum(chunk.kv.shape[2] for chunk in chunks)
+        return sum(layout.tokens_in(chunk.kv.shape) for chunk in chunks)
 
     def save(self, chunks: Sequence[Chunk]) -> None:
         """Store ``chunks`` in the first tier now and in the lower tiers in the background.
@@ -191,6 +195,11 @@ class CacheEngine:
 
     def step_finished(self) -> None:
         self.stack.step_finished()
+
+    def between_steps(self, timeout: float) -> bool:
+        """Whether the caller is between compute steps, waiting up to ``timeout`` seconds (see
+        :meth:`step_started`): background work of the caller's own can keep off the steps too."""
+        return self.stack.between_steps(timeout)
 
     def lookup(self, tokens: Sequence[int] | np.ndarray | torch.Tensor) -> int:
         """How many leading tokens of ``tokens`` have KV stored in some tier."""
@@ -225,9 +234,9 @@ class CacheEngine:
         and dtype, and a full chunk of tokens (only the last key may be a partial chunk).
         The one place loaded chunks are checked: never load KV computed for something else."""
         layout = self.scope.layout
-        tokens = chunk.shape[2] if chunk.dim() == 5 else -1
+        tokens = layout.tokens_in(chunk.shape)
         full = tokens == self.chunk_size or (index == num_keys - 1 and 0 < tokens < self.chunk_size)
-        if full and tuple(chunk.shape) == layout.chunk_shape(tokens) and str(chunk.dtype) == f"torch.{layout.dtype}":
+        if full and str(chunk.dtype) == f"torch.{layout.dtype}":
             return True
         log.warning("chunk %d with shape %s / %s does not match %s with %d-token chunks; treating it as a miss",
                     index, tuple(chunk.shape), chunk.dtype, layout, self.chunk_size)
@@ -236,7 +245,8 @@ class CacheEngine:
     def retrieve(
         self, tokens: Sequence[int] | np.ndarray | torch.Tensor, device: str | torch.device = "cpu"
     ) -> torch.Tensor | None:
-        """KV ``[layers, 2, hit_tokens, kv_heads, head_dim]`` of the longest cached prefix, or None.
+        """KV ``[layers, 2, hit_tokens, kv_heads, head_dim]`` of the longest cached prefix, or None
+        (page-packed scopes: in their :meth:`~lmcache_core.keys.KVLayout.chunk_shape`).
 
         A chunk that vanished or turned out corrupt since :meth:`lookup` shortens the hit; it
         never yields wrong data.
@@ -244,12 +254,14 @@ class CacheEngine:
         chunks = self.retrieve_chunks(self.keys(tokens))
         if not chunks:
             return None
-        total = sum(chunk.shape[2] for chunk in chunks)
-        out = torch.empty(self.scope.layout.chunk_shape(total), dtype=chunks[0].dtype, device=device)
+        layout = self.scope.layout
+        total = sum(layout.tokens_in(chunk.shape) for chunk in chunks)
+        out = torch.empty(layout.chunk_shape(total), dtype=chunks[0].dtype, device=device)
         position = 0
         for chunk in chunks:  # straight into the destination: no host-side concatenation
-            out[:, :, position : position + chunk.shape[2]].copy_(chunk, non_blocking=True)
-            position += chunk.shape[2]
+            steps = chunk.shape[layout.token_axis]
+            out.narrow(layout.token_axis, position, steps).copy_(chunk, non_blocking=True)
+            position += steps
         if out.device.type == "cuda":
             torch.cuda.current_stream(out.device).synchronize()  # the sources may be evicted after return
         return out
@@ -258,15 +270,18 @@ class CacheEngine:
         """KV of the longest retrievable prefix of ``keys``, one tensor per chunk, shapes checked."""
         return [chunk for chunk in self.load(keys).chunks if chunk is not None]
 
-    def _check_layout(self, kv: torch.Tensor) -> None:
+    def _check_layout(self, kv: torch.Tensor) -> int:
+        """The number of tokens ``kv`` holds; ``ValueError`` naming the expected shape otherwise."""
         layout = self.scope.layout
-        if kv.dim() != 5 or tuple(kv.shape) != layout.chunk_shape(kv.shape[2]):
-            raise ValueError(
-                f"kv must be [layers, {layout.kv_factor}, tokens, kv_heads, head_dim] = {layout.chunk_shape(-1)}, "
-                f"got {tuple(kv.shape)}"
-            )
+        tokens = layout.tokens_in(kv.shape)
+        if tokens < 0:
+            expected = (f"[layers, pages, kv_heads, {layout.block_size}, {layout.kv_factor} * head_dim] = "
+                        f"{layout.chunk_shape(layout.block_size)} per page" if layout.page_packed else
+                        f"[layers, {layout.kv_factor}, tokens, kv_heads, head_dim] = {layout.chunk_shape(-1)}")
+            raise ValueError(f"kv must be {expected}, got {tuple(kv.shape)}")
         if str(kv.dtype) != f"torch.{layout.dtype}":
             raise ValueError(f"kv dtype {kv.dtype} does not match the layout's {layout.dtype}")
+        return tokens
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait for background writes to lower tiers (tests, shutdown)."""

@@ -48,18 +48,60 @@ class KVLayout:
     # keys (:meth:`CacheScope.identity`): an MLA model's digest already differs from any other's,
     # and leaving it out kept existing keys valid when the field was added.
     kv_factor: int = 2
+    # How a chunk's tensor orders its elements. "" (the default): token-major (:meth:`chunk_shape`),
+    # the portable form. A paged layout's name (``"cpu"``, ``"cpu_amx"``): whole pages of
+    # ``block_size`` tokens exactly as vLLM's CPU attention keeps them, so that loads and saves are
+    # page copies instead of re-layouts (those pages hold K transposed, or in AMX tiles). Such chunks
+    # are only readable by the same page layout: both fields are part of the keys when set.
+    page_layout: str = ""
+    block_size: int = 0
 
     def __post_init__(self) -> None:
         if self.kv_factor not in (1, 2):
             raise ValueError(f"kv_factor must be 1 (MLA latent) or 2 (K and V), got {self.kv_factor}")
+        if bool(self.page_layout) != (self.block_size > 0):
+            raise ValueError("page_layout and block_size go together (a page-packed chunk needs its page size)")
+
+    @property
+    def page_packed(self) -> bool:
+        return bool(self.page_layout)
+
+    @property
+    def token_axis(self) -> int:
+        """The dimension of :meth:`chunk_shape` that runs along the tokens: 2 (tokens) or 1 (pages)."""
+        return 1 if self.page_packed else 2
+
+    @property
+    def token_unit(self) -> int:
+        """Tokens per step along :attr:`token_axis`: 1, or a page's ``block_size``."""
+        return self.block_size if self.page_packed else 1
 
     def chunk_shape(self, num_tokens: int) -> tuple[int, int, int, int, int]:
-        """The chunk tensor layout: [layers, kv_factor (K and V, or MLA's latent), tokens, kv_heads, head_dim]."""
+        """The chunk tensor layout: [layers, kv_factor (K and V, or MLA's latent), tokens, kv_heads, head_dim];
+        page-packed: [layers, pages, kv_heads, block_size, kv_factor * head_dim] (``num_tokens`` whole pages)."""
+        if self.page_packed:
+            if num_tokens % self.block_size:
+                raise ValueError(f"a page-packed chunk holds whole pages of {self.block_size} tokens, not {num_tokens}")
+            return (self.num_layers, num_tokens // self.block_size, self.num_kv_heads, self.block_size,
+                    self.kv_factor * self.head_dim)
         return (self.num_layers, self.kv_factor, num_tokens, self.num_kv_heads, self.head_dim)
+
+    def tokens_in(self, shape: Sequence[int]) -> int:
+        """How many tokens a chunk tensor of ``shape`` holds if it has this layout's shape, else -1."""
+        if len(shape) != 5:
+            return -1
+        tokens = shape[self.token_axis] * self.token_unit
+        return tokens if tuple(shape) == self.chunk_shape(tokens) else -1
 
     @property
     def tag(self) -> str:
         return f"{self.dtype}-l{self.num_layers}h{self.num_kv_heads}d{self.head_dim}"
+
+    @property
+    def page_tag(self) -> str:
+        """``p<page layout><block size>`` for page-packed chunks, else empty: a field of its own in
+        the readable key prefix, after :attr:`tag`."""
+        return f"p{_slug(self.page_layout)}{self.block_size}" if self.page_packed else ""
 
 
 @dataclass(frozen=True)
@@ -90,14 +132,17 @@ class CacheScope:
         fields = [KEY_SCHEMA_VERSION, self.namespace, self.model_name, self.model_digest, layout.dtype,
                   layout.num_layers, layout.num_kv_heads, layout.head_dim, self.tp_rank, self.tp_world_size,
                   self.kv_format]
+        if layout.page_packed:  # only then: keys of token-major chunks stay what they were
+            fields += [layout.page_layout, layout.block_size]
         return json.dumps(fields, ensure_ascii=False).encode()
 
     @property
     def prefix(self) -> str:
         """Human-readable key prefix, safe in paths and object keys."""
+        pages = f":{self.layout.page_tag}" if self.layout.page_packed else ""
         return (
             f"v{KEY_SCHEMA_VERSION}:{_slug(self.namespace)}:{_slug(self.model_name)}@{self.model_digest[:12]}"
-            f":{self.layout.tag}:r{self.tp_rank}of{self.tp_world_size}"
+            f":{self.layout.tag}{pages}:r{self.tp_rank}of{self.tp_world_size}"
         )
 
 
@@ -169,6 +214,7 @@ def select_keys(names: Iterable[str], namespace: str | None) -> Iterator[ChunkKe
 #   key       = "v" schema ":" namespace ":" model "@" model-id *(":" field) ":" layout
 #               *(":" field) ":" rank *(":" field) ":" digest
 #   layout    = dtype "-l" layers "h" kv-heads "d" head-dim       e.g. bfloat16-l32h8d128
+#               (page-packed chunks add a field after it: "p" page-layout block-size, e.g. pcpu128)
 #   rank      = "r" tp-rank "of" tp-world-size                    e.g. r0of2
 #   digest    = 32 lower-case hex digits (16 bytes)
 #

@@ -98,6 +98,10 @@ class _StepGate:
     def step_finished(self) -> None:
         self._between_steps.set()
 
+    def between_steps(self, timeout: float) -> bool:
+        """Whether the caller is between compute steps now or becomes so within ``timeout`` seconds."""
+        return self._between_steps.wait(timeout)
+
     def wait_for_gap(self, queued_at: float) -> None:
         while not self._between_steps.wait(_GATE_POLL_S):
             if time.monotonic() - queued_at > MAX_WRITE_DEFER_S or 2 * self._budget.used > self._budget.max_bytes:
@@ -248,6 +252,11 @@ class TierStack:
 
     def step_finished(self) -> None:
         self._gate.step_finished()
+
+    def between_steps(self, timeout: float) -> bool:
+        """Whether the caller is between compute steps (always, with ``writes_between_steps`` off),
+        waiting up to ``timeout`` seconds: for other background work that must keep off the steps."""
+        return self._gate.between_steps(timeout)
 
     def contains(self, keys: Sequence[ChunkKey]) -> int:
         """Length of the longest prefix of ``keys`` stored across the tiers."""

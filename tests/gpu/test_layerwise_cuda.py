@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lmcache_core.integrations.vllm.layerwise import LayerwiseCopies
-from lmcache_core.integrations.vllm.paged import PagedLayout, copy_paged_kv
+from lmcache_core.integrations.vllm.paged import PagedLayout, Piece, copy_paged_kv
 
 pytestmark = [
     pytest.mark.gpu,
@@ -42,9 +42,9 @@ def test_each_layer_is_loaded_once_the_compute_stream_waits_for_it() -> None:
     torch.manual_seed(0)
     pages = cache()
     expected = [page.clone() for page in pages]
-    pieces = [(host_chunk(pinned=True), chunk_slots(0)), (host_chunk(pinned=False), chunk_slots(8))]
-    for buffer, slots in pieces:
-        copy_paged_kv(expected, buffer, slots, LAYOUT, "load")
+    pieces = [Piece(host_chunk(pinned=True), chunk_slots(0)), Piece(host_chunk(pinned=False), chunk_slots(8))]
+    for piece in pieces:
+        copy_paged_kv(expected, piece.buffer, piece.slots, LAYOUT, "load")
     copies = LayerwiseCopies(NAMES, pages, LAYOUT)
     copies.start_loads(pieces)
     for index, name in enumerate(NAMES):
@@ -61,7 +61,7 @@ def test_each_layer_is_saved_after_the_compute_stream_wrote_it() -> None:
     slots = [chunk_slots(0), chunk_slots(8)]
     buffers = [torch.empty(LAYERS, 2, CHUNK, HEADS, HEAD_DIM, dtype=torch.bfloat16, pin_memory=True) for _ in slots]
     copies = LayerwiseCopies(NAMES, pages, LAYOUT)
-    copies.start_saves(list(zip(buffers, slots, strict=True)))
+    copies.start_saves([Piece(buffer, chunk) for buffer, chunk in zip(buffers, slots, strict=True)])
     busy = torch.randn(4096, 4096, device="cuda")
     for index, name in enumerate(NAMES):
         busy = busy @ busy.T / 4096  # keeps the compute stream busy, ahead of the host
@@ -78,4 +78,4 @@ def test_each_layer_is_saved_after_the_compute_stream_wrote_it() -> None:
 def test_saves_from_a_gpu_cache_refuse_pageable_buffers() -> None:
     copies = LayerwiseCopies(NAMES, cache(), LAYOUT)
     with pytest.raises(ValueError, match="pinned"):
-        copies.start_saves([(host_chunk(pinned=False), chunk_slots(0))])
+        copies.start_saves([Piece(host_chunk(pinned=False), chunk_slots(0))])

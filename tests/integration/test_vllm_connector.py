@@ -15,6 +15,7 @@ Every request's greedy tokens must equal the baseline's exactly and its log-prob
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -116,6 +117,14 @@ def test_repeated_4k_prompt_loads_from_the_cpu_tier(first_run: dict[str, Any], b
     assert totals["hit_tokens_cpu"] >= 3840
     assert totals["failed_load_tokens"] == 0
     assert_same_generation(hit, baseline["rounds"][1]["requests"][0])
+
+
+def test_chunks_are_kept_as_vllms_own_cpu_pages(first_run: dict[str, Any]) -> None:
+    """With a lossless codec the worker stores vLLM's CPU pages as they are (page-packed chunks:
+    loads and saves copy pages, no re-layout); the scope in its start-up line says so."""
+    scope = re.search(r"lmcache-core connector \(worker 0/1\): layout=(cpu|cpu_amx),.* scope (\S+),", first_run["log"])
+    assert scope is not None, "no start-up line of the connector in vLLM's log"
+    assert scope.group(2).split(":")[4] == f"p{scope.group(1)}{BLOCK}"
 
 
 def test_every_output_matches_vllm_without_the_connector(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -284,6 +285,31 @@ def test_a_chunk_of_the_wrong_shape_is_a_miss(make_engine: EngineFactory) -> Non
     cpu.delete([key])
     cpu.put_many([Chunk(key, torch.zeros(2, 2, CHUNK, 2, 4, dtype=torch.bfloat16), 1)])  # head_dim 4, not 8
     assert bit_equal(engine.retrieve(tokens), kv[:, :, :16])
+
+
+PACKED = dataclasses.replace(LAYOUT, page_layout="cpu", block_size=8)  # 2 pages per 16-token chunk
+
+
+@pytest.mark.parametrize("tiers", ["cpu", "disk"])
+def test_page_packed_chunks_round_trip_whole_pages_only(make_engine: EngineFactory, tiers: str) -> None:
+    engine = make_engine(tiers, layout=PACKED, LMCACHE_SAVE_UNFULL_CHUNK="true")
+    tokens, kv = make_tokens(40), make_kv(40, layout=PACKED)  # 5 pages: chunks of 16, 16 and 8 tokens
+    assert kv.shape == (2, 5, 2, 8, 16)
+    assert engine.store(tokens, kv) == 40
+    assert engine.flush()
+    assert bit_equal(engine.retrieve(tokens), kv)
+    assert engine.retrieve(tokens[:32]).shape == (2, 4, 2, 8, 16)
+
+
+def test_a_token_major_chunk_under_a_page_packed_key_is_a_miss(make_engine: EngineFactory) -> None:
+    engine = make_engine(layout=PACKED)
+    tokens, kv = make_tokens(32), make_kv(32, layout=PACKED)
+    engine.store(tokens, kv)
+    cpu = engine.stack.backends[0]
+    key = engine.keys(tokens)[1]
+    cpu.delete([key])
+    cpu.put_many([Chunk(key, make_kv(CHUNK), 1)])  # same element count, token-major shape
+    assert bit_equal(engine.retrieve(tokens), kv[:, :2])
 
 
 # --- input validation ---------------------------------------------------------------------------

@@ -143,6 +143,10 @@ _OTHER_SCOPES = {
     "head dim": dataclasses.replace(SCOPE, layout=dataclasses.replace(LAYOUT, head_dim=16)),
     "tp rank": dataclasses.replace(SCOPE, tp_rank=1, tp_world_size=2),
     "tp world size": dataclasses.replace(SCOPE, tp_world_size=2),
+    "page-packed": dataclasses.replace(SCOPE, layout=dataclasses.replace(LAYOUT, page_layout="cpu", block_size=2)),
+    "other page layout": dataclasses.replace(
+        SCOPE, layout=dataclasses.replace(LAYOUT, page_layout="cpu_amx", block_size=2)),
+    "other page size": dataclasses.replace(SCOPE, layout=dataclasses.replace(LAYOUT, page_layout="cpu", block_size=4)),
 }
 _TOKENS = list(range(6 * CHUNK + 1))
 
@@ -295,6 +299,14 @@ _layouts = st.builds(
     num_kv_heads=st.integers(1, 128),
     head_dim=st.integers(1, 512),
     dtype=st.sampled_from(["bfloat16", "float16", "float32", "uint8", "float8_e4m3fn", "float8_e5m2"]),
+) | st.builds(  # page-packed chunks (vLLM's CPU layouts)
+    KVLayout,
+    num_layers=st.integers(1, 200),
+    num_kv_heads=st.integers(1, 128),
+    head_dim=st.integers(1, 512),
+    dtype=st.sampled_from(["bfloat16", "float32", "uint8"]),
+    page_layout=st.sampled_from(["cpu", "cpu_amx"]),
+    block_size=st.sampled_from([16, 32, 128]),
 )
 _scopes = st.builds(
     CacheScope,
@@ -404,3 +416,25 @@ def test_kv_format_changes_every_key_but_not_the_readable_prefix(algorithm: str)
 def test_kv_format_defaults_to_auto() -> None:
     assert SCOPE.kv_format == "auto"
     assert json.loads(SCOPE.identity())[-1] == "auto"
+
+
+# --- page-packed chunks ------------------------------------------------------------------------
+
+
+def test_page_packed_chunks_have_their_own_shape_and_readable_prefix() -> None:
+    packed = dataclasses.replace(LAYOUT, page_layout="cpu_amx", block_size=32)
+    assert packed.chunk_shape(64) == (2, 2, 4, 32, 16)  # [layers, pages, heads, block, 2 * head_dim]
+    assert packed.tokens_in((2, 2, 4, 32, 16)) == 64
+    assert packed.tokens_in(LAYOUT.chunk_shape(64)) == -1  # a token-major chunk is not one of these
+    assert LAYOUT.tokens_in(packed.chunk_shape(64)) == -1
+    assert (packed.token_axis, packed.token_unit, LAYOUT.token_axis, LAYOUT.token_unit) == (1, 32, 2, 1)
+    assert dataclasses.replace(SCOPE, layout=packed).prefix.endswith(":bfloat16-l2h4d8:pcpu_amx32:r0of1")
+    with pytest.raises(ValueError, match="whole pages of 32 tokens"):
+        packed.chunk_shape(48)
+    with pytest.raises(ValueError, match="go together"):
+        dataclasses.replace(LAYOUT, page_layout="cpu")
+
+
+def test_token_major_keys_do_not_change_with_the_page_fields() -> None:
+    """Chunks stored before page-packing existed keep their keys: the fields join the identity only when set."""
+    assert len(json.loads(SCOPE.identity())) == 11

@@ -131,7 +131,9 @@ def test_load_then_save_only_new_chunks(vllm_side: Any) -> None:
     assert not connector._requests and not connector._lookups
 
 
-def worker(vllm_side: Any, tmp_path: Any) -> Any:
+def worker(vllm_side: Any, tmp_path: Any, packed: bool = False) -> Any:
+    """A worker around CPU pages (vLLM's ``vec`` layout) and a cpu tier; ``packed``: its chunks
+    are page-packed, as the worker chooses for vLLM's CPU layouts."""
     from lmcache_core.engine import CacheEngine
     from lmcache_core.integrations.vllm.paged import PagedLayout
     from lmcache_core.keys import KVLayout
@@ -139,8 +141,9 @@ def worker(vllm_side: Any, tmp_path: Any) -> Any:
     connector = vllm_side.module.LMCacheCoreWorker.__new__(vllm_side.module.LMCacheCoreWorker)
     connector._init_state()
     connector._chunk_size, connector._block_size = CHUNK, BLOCK
+    pages = {"page_layout": "cpu", "block_size": BLOCK} if packed else {}
     connector._engine = CacheEngine.from_env(
-        model_name="fake", layout=KVLayout(LAYERS, HEADS, HEAD_DIM, "float32"),
+        model_name="fake", layout=KVLayout(LAYERS, HEADS, HEAD_DIM, "float32", **pages),
         environ={"LMCACHE_TIERS": "cpu", "LMCACHE_CHUNK_SIZE": str(CHUNK)},
     )
     connector._layers = [torch.randn(NUM_BLOCKS, HEADS, BLOCK, 2 * HEAD_DIM) for _ in range(LAYERS)]
@@ -152,21 +155,26 @@ SAVED_TOKENS = np.arange(64, dtype=np.uint32)
 SAVED_BLOCKS, LOAD_BLOCKS = [7, 2, 9, 4], [1, 3, 5, 6]
 
 
-def saved_and_fresh_workers(vllm_side: Any, tmp_path: Any) -> tuple[Any, Any]:
+def saved_and_fresh_workers(vllm_side: Any, tmp_path: Any, packed: bool = False) -> tuple[Any, Any]:
     """A worker that saved SAVED_TOKENS from SAVED_BLOCKS, and one with fresh pages on the same tiers."""
     module = vllm_side.module
-    source = worker(vllm_side, tmp_path)
+    source = worker(vllm_side, tmp_path, packed)
     saves = [module.Transfer("a", SAVED_TOKENS, SAVED_BLOCKS, 0, len(SAVED_TOKENS))]
     source.bind_connector_metadata(module.LMCacheCoreMetadata(saves=saves))
     source.wait_for_save()
-    target = worker(vllm_side, tmp_path)
+    target = worker(vllm_side, tmp_path, packed)
     target._engine = source._engine
     return source, target
 
 
-def test_worker_save_then_load_round_trip(vllm_side: Any, tmp_path: Any) -> None:
+@pytest.fixture(params=[False, True], ids=["token-major", "page-packed"])
+def packed(request: pytest.FixtureRequest) -> bool:
+    return request.param
+
+
+def test_worker_save_then_load_round_trip(vllm_side: Any, tmp_path: Any, packed: bool) -> None:
     module = vllm_side.module
-    source, target = saved_and_fresh_workers(vllm_side, tmp_path)
+    source, target = saved_and_fresh_workers(vllm_side, tmp_path, packed)
     tokens, blocks, other_blocks = SAVED_TOKENS, SAVED_BLOCKS, LOAD_BLOCKS
     load = module.Transfer("b", tokens, other_blocks, 0, 64)
     target.bind_connector_metadata(module.LMCacheCoreMetadata(loads=[load]))
@@ -178,9 +186,55 @@ def test_worker_save_then_load_round_trip(vllm_side: Any, tmp_path: Any) -> None
     assert target.get_kv_connector_stats().data["load_tokens"] == 64
 
 
-def test_chunk_evicted_after_lookup_reports_its_blocks(vllm_side: Any, tmp_path: Any) -> None:
+def test_worker_loads_part_of_a_chunk_token_for_token(vllm_side: Any, tmp_path: Any, packed: bool) -> None:
+    """vLLM's own prefix cache covers the first page and the load ends mid-page (the prompt's last
+    token is always computed): only tokens 16..54 are written, each where the source had it."""
+    from lmcache_core.integrations.vllm.paged import token_views
+
     module = vllm_side.module
-    connector = worker(vllm_side, tmp_path)
+    source, target = saved_and_fresh_workers(vllm_side, tmp_path, packed)
+    before = [layer.clone() for layer in target._layers]
+    target.bind_connector_metadata(module.LMCacheCoreMetadata(
+        loads=[module.Transfer("b", SAVED_TOKENS, LOAD_BLOCKS, 16, 55)]))
+    target.start_load_kv(None)
+    assert target.get_block_ids_with_load_errors() == set()
+    for src, dst, old in zip(source._layers, target._layers, before, strict=True):
+        for src_views, dst_views, old_views in zip(token_views(src, source._layout), token_views(dst, target._layout),
+                                                   token_views(old, target._layout), strict=True):
+            for position in range(64):
+                block, offset = divmod(position, BLOCK)
+                got = dst_views[LOAD_BLOCKS[block], 0, offset]
+                want = (src_views[SAVED_BLOCKS[block], 0, offset] if 16 <= position < 55
+                        else old_views[LOAD_BLOCKS[block], 0, offset])
+                assert torch.equal(got, want), position
+    assert target.get_kv_connector_stats().data["load_tokens"] == 39
+
+
+def test_saves_take_buffers_faulted_in_between_steps_and_the_cpu_tier_keeps_them(vllm_side: Any,
+                                                                                 tmp_path: Any) -> None:
+    from lmcache_core.buffer_reserve import BufferReserve
+
+    module = vllm_side.module
+    connector = worker(vllm_side, tmp_path, packed=True)
+    engine = connector._engine
+    shape = engine.scope.layout.chunk_shape(CHUNK)
+    connector._reserve = BufferReserve(shape, torch.float32, target=2, between_steps=engine.between_steps)
+    deadline = time.monotonic() + 5
+    while connector._reserve.ready < 2 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    ready = {buffer.data_ptr() for buffer in connector._reserve._ready}
+    saves = [module.Transfer("a", SAVED_TOKENS, SAVED_BLOCKS, 0, 64)]
+    connector.bind_connector_metadata(module.LMCacheCoreMetadata(saves=saves))
+    connector.wait_for_save()
+    stored = engine.load(engine.keys(SAVED_TOKENS)).chunks
+    assert {chunk.data_ptr() for chunk in stored} == ready  # the reserve's buffers, adopted as they are
+    assert "fresh_save_buffers" not in connector.get_kv_connector_stats().data
+    connector.shutdown()
+
+
+def test_chunk_evicted_after_lookup_reports_its_blocks(vllm_side: Any, tmp_path: Any, packed: bool) -> None:
+    module = vllm_side.module
+    connector = worker(vllm_side, tmp_path, packed)
     tokens = np.arange(96, dtype=np.uint32)
     blocks = [0, 1, 2, 3, 4, 5]
     connector.bind_connector_metadata(module.LMCacheCoreMetadata(saves=[module.Transfer("a", tokens, blocks, 0, 96)]))
@@ -575,9 +629,9 @@ def test_all_in_the_first_tier_or_switched_off_loads_synchronously(vllm_side: An
     assert connector.get_num_new_matched_tokens(request(list(range(100))), 0) == (96, False)
 
 
-def test_worker_finishes_an_asynchronous_load_in_a_later_step(vllm_side: Any, tmp_path: Any) -> None:
+def test_worker_finishes_an_asynchronous_load_in_a_later_step(vllm_side: Any, tmp_path: Any, packed: bool) -> None:
     module = vllm_side.module
-    source, target = saved_and_fresh_workers(vllm_side, tmp_path)
+    source, target = saved_and_fresh_workers(vllm_side, tmp_path, packed)
     tokens, blocks, other_blocks = SAVED_TOKENS, SAVED_BLOCKS, LOAD_BLOCKS
     target.bind_connector_metadata(module.LMCacheCoreMetadata(
         loads=[module.Transfer("b", tokens, other_blocks, 0, 64, asynchronous=True)]))

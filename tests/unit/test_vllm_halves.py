@@ -41,7 +41,7 @@ def vllm_config(**extra: Any) -> SimpleNamespace:
     return SimpleNamespace(
         kv_transfer_config=transfer, cache_config=SimpleNamespace(block_size=BLOCK),
         parallel_config=SimpleNamespace(data_parallel_rank=0, tensor_parallel_size=1, pipeline_parallel_size=1),
-        model_config=SimpleNamespace(model="m"),
+        model_config=SimpleNamespace(model="m"), scheduler_config=SimpleNamespace(max_num_batched_tokens=2048),
     )
 
 

@@ -23,6 +23,14 @@ CHUNK, BLOCK = 32, 16
 HEADS, HEAD_DIM, LAYERS, NUM_BLOCKS = 2, 8, 3, 12
 NAMES = [f"model.layers.{index}.self_attn.attn" for index in range(LAYERS)]
 TOKENS = np.arange(96, dtype=np.uint32)
+PAGE_PACKED = {"value": False}  # set by the packing fixture: every test runs with both kinds of chunk
+
+
+@pytest.fixture(autouse=True, params=[False, True], ids=["token-major", "page-packed"])
+def packing(request: pytest.FixtureRequest) -> Any:
+    PAGE_PACKED["value"] = request.param
+    yield
+    PAGE_PACKED["value"] = False
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +52,9 @@ def worker(module: Any, layerwise: bool, pages: list[torch.Tensor] | None = None
     connector = module.LMCacheCoreWorker.__new__(module.LMCacheCoreWorker)
     connector._init_state()
     connector._chunk_size, connector._block_size = CHUNK, BLOCK
+    pages_fields = {"page_layout": "cpu", "block_size": BLOCK} if PAGE_PACKED["value"] else {}
     connector._engine = engine or CacheEngine.from_env(
-        model_name="fake", layout=KVLayout(LAYERS, HEADS, HEAD_DIM, "float32"),
+        model_name="fake", layout=KVLayout(LAYERS, HEADS, HEAD_DIM, "float32", **pages_fields),
         environ={"LMCACHE_TIERS": "cpu", "LMCACHE_CHUNK_SIZE": str(CHUNK)},
     )
     connector._layers = ([page.clone() for page in pages] if pages is not None

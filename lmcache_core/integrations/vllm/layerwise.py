@@ -21,7 +21,7 @@ A layer whose hook vLLM never calls in a step is copied in :meth:`~LayerwiseCopi
 (loads first: a saved layer may attend to loaded pages), so the pages and the chunks are always
 complete at the end of a step; such layers are counted (``late``).
 
-Each copy is :func:`.paged.copy_paged_kv` on a one-layer list, so :mod:`lmcache_kernels`' dispatch
+Each copy is :func:`.paged.copy_piece` on a one-layer list, so :mod:`lmcache_kernels`' dispatch
 stays the one place that picks the Triton kernel or the torch reference.
 """
 
@@ -29,13 +29,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
-from lmcache_core.integrations.vllm.paged import Direction, PagedLayout, copy_paged_kv
-
-Piece = tuple[torch.Tensor, torch.Tensor]
-"""A chunk buffer ``[layers, kv_factor, tokens, heads, dim]`` (or part of one) and the slots of its tokens."""
+from lmcache_core.integrations.vllm.paged import Direction, PagedLayout, Piece, copy_piece
 
 __all__ = ["LayerwiseCopies", "Piece"]
 
@@ -86,7 +84,9 @@ class LayerwiseCopies:
             ready.record()
             with torch.cuda.stream(self._stream):
                 self._stream.wait_event(ready)
-                self._loads = [(_pinned(buffer), _on_device(slots, self._layers[0])) for buffer, slots in pieces]
+                device = self._layers[0]
+                self._loads = [replace(piece, buffer=_pinned(piece.buffer), slots=_on_device(piece.slots, device))
+                               for piece in pieces]
                 self._loaded = []
                 for layer in layers:
                     self._copy(layer, self._loads, "load")
@@ -112,14 +112,14 @@ class LayerwiseCopies:
     # Saves ------------------------------------------------------------------------------------
 
     def start_saves(self, pieces: list[Piece]) -> None:
-        """The step's chunks to fill, each ``(buffer, slots)``; buffers are pinned host memory on CUDA."""
+        """The step's chunks to fill; their buffers are pinned host memory on CUDA."""
         if not pieces or not self._layers:
             return
         if self._stream is not None:
-            if not all(buffer.is_cuda or buffer.is_pinned() for buffer, _ in pieces):
+            if not all(piece.buffer.is_cuda or piece.buffer.is_pinned() for piece in pieces):
                 raise ValueError("layer-by-layer saves from a CUDA cache need pinned host buffers")
             with torch.cuda.stream(self._stream):
-                pieces = [(buffer, _on_device(slots, self._layers[0])) for buffer, slots in pieces]
+                pieces = [replace(piece, slots=_on_device(piece.slots, self._layers[0])) for piece in pieces]
         self._saves = pieces
         self._save_pending = set(range(len(self._layers)))
 
@@ -180,8 +180,8 @@ class LayerwiseCopies:
 
     def _copy(self, layer: int, pieces: list[Piece], direction: Direction) -> None:
         paged = self._layers[layer : layer + 1]
-        for buffer, slots in pieces:
-            copy_paged_kv(paged, buffer[layer : layer + 1], slots, self._layout, direction)
+        for piece in pieces:
+            copy_piece(paged, piece.layer(layer), self._layout, direction)
 
 
 def _pinned(buffer: torch.Tensor) -> torch.Tensor:

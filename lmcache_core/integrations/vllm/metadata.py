@@ -94,7 +94,7 @@ class LMCacheCoreStats(KVConnectorStats):
             if seconds:
                 report[f"{direction}_GBps"] = round(data.get(f"{direction}_bytes", 0) / seconds / 1e9, 3)
         for name, value in sorted(data.items()):
-            if name.startswith(("hit_tokens_", "layerwise_")):
+            if name.startswith(("hit_tokens_", "layerwise_")) or name in ("declined_load_tokens", "fresh_save_buffers"):
                 report[name] = int(value)
         return report
 

@@ -20,10 +20,12 @@ import numpy as np
 import torch
 
 from lmcache_core.backend import Chunk
+from lmcache_core.buffer_reserve import BufferReserve
+from lmcache_core.codecs import codec_accepts
 from lmcache_core.engine import CacheEngine, LoadResult
 from lmcache_core.integrations.vllm import compat
 from lmcache_core.integrations.vllm.control import EngineControl
-from lmcache_core.integrations.vllm.layerwise import LayerwiseCopies, Piece
+from lmcache_core.integrations.vllm.layerwise import LayerwiseCopies
 from lmcache_core.integrations.vllm.layouts import CPU_LAYOUTS, cpu_layout_for, detect_layout
 from lmcache_core.integrations.vllm.lookup import LookupAnswer, LookupServer, socket_path
 from lmcache_core.integrations.vllm.metadata import (
@@ -32,7 +34,7 @@ from lmcache_core.integrations.vllm.metadata import (
     LMCacheCoreWorkerMeta,
     Transfer,
 )
-from lmcache_core.integrations.vllm.paged import PagedLayout, copy_paged_kv, slots_for
+from lmcache_core.integrations.vllm.paged import PagedLayout, Piece, copy_piece, slots_for
 from lmcache_core.keys import CacheScope, KVLayout, config_digest
 from lmcache_core.load_planner import LoadPlanner
 from lmcache_core.model_identity import weights_identity
@@ -75,6 +77,7 @@ class LMCacheCoreWorker:
         self._layout: PagedLayout | None = None
         self._connector_metadata: LMCacheCoreMetadata | None = None
         self._planner: LoadPlanner | None = None
+        self._reserve: BufferReserve | None = None  # save buffers faulted in between steps
         self._loader: ThreadPoolExecutor | None = None  # reads for asynchronous loads, one at a time
         self._reading: dict[str, tuple[Transfer, Future[LoadResult]]] = {}  # asynchronous loads under way
         self._step_started = 0.0  # when vLLM bound this step's metadata: the forward pass follows
@@ -140,16 +143,34 @@ class LMCacheCoreWorker:
                                                                            kv_cache_dtype)
             layout = cpu_layout_for(isa=isa, dtype=model_dtype, block_size=first.shape[2], num_kv_heads=num_kv_heads,
                                     head_dim=head_dim, kv_cache_dtype=kv_cache_dtype)
+        block_size = next(iter(kv_caches.values())).shape[2] if layout in CPU_LAYOUTS else 0
+        packed = block_size > 0 and self._chunk_size % block_size == 0 and not self._lossy_codec(dtype)
         kv_layout = KVLayout(len(kv_caches), num_kv_heads, head_dim, str(dtype).removeprefix("torch."),
-                             kv_factor=layout.kv_factor)
+                             kv_factor=layout.kv_factor, page_layout=layout.value if packed else "",
+                             block_size=block_size if packed else 0)
         scope = _cache_scope(self._vllm_config, self._settings, kv_layout, rank, world)
         self._engine = CacheEngine(self._settings, self._registry, scope)
         chunk_bytes = math.prod(kv_layout.chunk_shape(self._chunk_size)) * dtype.itemsize
         self._planner = LoadPlanner(self._chunk_size, chunk_bytes, enabled=self._settings.skip_slow_loads)
         self._layers = list(kv_caches.values())
         self._layout = layout
+        step_tokens = self._vllm_config.scheduler_config.max_num_batched_tokens
+        self._reserve = BufferReserve(kv_layout.chunk_shape(self._chunk_size), dtype,
+                                      target=step_tokens // self._chunk_size + 1,
+                                      between_steps=self._engine.between_steps,
+                                      pin=self._layers[0].is_cuda)
         if self._settings.use_layerwise:
             self._layerwise = LayerwiseCopies(list(kv_caches), self._layers, layout)
+
+    def _lossy_codec(self, dtype: torch.dtype) -> bool:
+        """Whether some tier would store this KV through a lossy codec (fp8), which quantizes
+        token-major chunks per layer and head: page-packed chunks are then not an option."""
+        for tier in self._settings.tiers:
+            name = getattr(self._settings.backend(tier), "codec", None) or self._settings.codec
+            codec = self._registry.codecs.get(name)
+            if codec is None or (getattr(codec, "lossy", True) and codec_accepts(codec, dtype)):
+                return True
+        return False
 
     def _serve_lookup(self, tokens: np.ndarray) -> LookupAnswer:
         """Runs on the lookup server's thread: chunks in any tier, of which the first tier serves,
@@ -207,8 +228,8 @@ class LMCacheCoreWorker:
         :meth:`wait_for_save` complete them."""
         started = time.perf_counter()
         pieces = self._pieces(reads)
-        moved_tokens = sum(slots.numel() for _, slots in pieces)
-        moved_bytes = sum(piece.nbytes for piece, _ in pieces)
+        moved_tokens = sum(piece.slots.numel() for piece in pieces)
+        moved_bytes = sum(piece.nbytes for piece in pieces)
         if moved_tokens:
             self._stats["load_tokens"] += moved_tokens
             self._stats["load_bytes"] += moved_bytes
@@ -219,17 +240,19 @@ class LMCacheCoreWorker:
         else:
             assert self._layout is not None
             copy_started = time.perf_counter()
-            for piece, slots in pieces:
-                copy_paged_kv(self._layers, piece, slots, self._layout, "load")
+            for piece in pieces:
+                copy_piece(self._layers, piece, self._layout, "load")
             if moved_tokens and self._planner is not None:
                 self._planner.into_pages.observe(moved_bytes, time.perf_counter() - copy_started)
             self._stats["load_s"] += time.perf_counter() - started
         self._step_load_s += time.perf_counter() - started
 
     def _pieces(self, reads: list[tuple[Transfer, LoadResult]]) -> list[Piece]:
-        """What was read, as (chunk or the loaded part of one, slots of its tokens); the tokens that
-        were not read are reported as failed, so vLLM recomputes them."""
+        """What was read, as pieces (chunk or the loaded part of one, slots of its tokens); the tokens
+        that were not read are reported as failed, so vLLM recomputes them."""
         chunk = self._chunk_size
+        assert self._engine is not None
+        packed = self._engine.scope.layout.page_packed
         pieces: list[Piece] = []
         for transfer, loaded in reads:
             first = transfer.start // chunk
@@ -244,8 +267,16 @@ class LMCacheCoreWorker:
                 begin, end = max(transfer.start, index * chunk), min(loaded_end, (index + 1) * chunk)
                 if begin >= end:
                     continue
-                piece = kv if end - begin == kv.shape[2] else kv[:, :, begin - index * chunk : end - index * chunk]
-                pieces.append((piece.contiguous(), slots_for(transfer.block_ids, self._block_size, begin, end)))
+                slots = slots_for(transfer.block_ids, self._block_size, begin, end)
+                offset = begin - index * chunk
+                if packed:  # whole pages: the copy picks the tokens
+                    block_size = self._block_size
+                    pages = tuple(transfer.block_ids[begin // block_size : (end - 1) // block_size + 1])
+                    pieces.append(Piece(kv, slots, first=offset, pages=pages))
+                elif end - begin == kv.shape[2]:
+                    pieces.append(Piece(kv, slots))
+                else:
+                    pieces.append(Piece(kv[:, :, offset : offset + end - begin].contiguous(), slots))
         return pieces
 
     def _fail(self, transfer: Transfer, from_token: int) -> None:
@@ -288,22 +319,36 @@ class LMCacheCoreWorker:
         self._released.update(meta.released)
         self._maybe_log()
 
-    def _save_buffers(self, saves: list[Transfer], pin: bool = False) -> list[tuple[Chunk, torch.Tensor]]:
+    def _save_buffers(self, saves: list[Transfer], pin: bool = False) -> list[tuple[Chunk, Piece]]:
         """A buffer of its own for each chunk the step completes (pinned host memory with ``pin``),
-        as the chunk the engine will get, with the slots to gather it from."""
+        as the chunk the engine will get, with the piece to gather it from."""
         assert self._engine is not None
         chunk = self._chunk_size
         layout = self._engine.scope.layout
         dtype = getattr(torch, layout.dtype)
-        planned: list[tuple[Chunk, torch.Tensor]] = []
+        first = 0 if layout.page_packed else None
+        planned: list[tuple[Chunk, Piece]] = []
         for transfer in saves:
             keys = self._engine.keys(transfer.tokens[: transfer.end])  # later chunks: not needed
             for index in range(transfer.start // chunk, transfer.end // chunk):
                 start = index * chunk
-                buffer = torch.empty(layout.chunk_shape(chunk), dtype=dtype, pin_memory=pin)
+                buffer = self._save_buffer(layout.chunk_shape(chunk), dtype, pin)
                 slots = slots_for(transfer.block_ids, self._block_size, start, start + chunk)
-                planned.append((Chunk(keys[index], buffer, index, owned=True, first_position=start), slots))
+                pages = (tuple(transfer.block_ids[start // self._block_size : (start + chunk) // self._block_size])
+                         if layout.page_packed else None)
+                planned.append((Chunk(keys[index], buffer, index, owned=True, first_position=start),
+                                Piece(buffer, slots, first, pages)))
         return planned
+
+    def _save_buffer(self, shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> torch.Tensor:
+        """From the reserve when it has one (faulted in already), else fresh memory."""
+        reserve = self._reserve
+        if reserve is not None and reserve.shape == shape and reserve.dtype == dtype and (reserve.pin or not pin):
+            buffer, ready = reserve.take()
+            if not ready:
+                self._stats["fresh_save_buffers"] += 1
+            return buffer
+        return torch.empty(shape, dtype=dtype, pin_memory=pin)
 
     def _save(self, saves: list[Transfer]) -> None:
         """Gather each completed chunk from the pages into a buffer of its own and hand the buffers
@@ -311,8 +356,8 @@ class LMCacheCoreWorker:
         assert self._layout is not None
         started = time.perf_counter()
         planned = self._save_buffers(saves)
-        for chunk, slots in planned:
-            copy_paged_kv(self._layers, chunk.kv, slots, self._layout, "save")
+        for _, piece in planned:
+            copy_piece(self._layers, piece, self._layout, "save")
         self._hand_over([chunk for chunk, _ in planned], time.perf_counter() - started)
 
     def _hand_over(self, chunks: list[Chunk], copy_s: float) -> None:
@@ -329,7 +374,7 @@ class LMCacheCoreWorker:
         into its (pinned) pool as it is."""
         assert self._layerwise is not None
         planned = self._save_buffers(saves, pin=self._layerwise.on_cuda)
-        self._layerwise.start_saves([(chunk.kv, slots) for chunk, slots in planned])
+        self._layerwise.start_saves([piece for _, piece in planned])
         self._layerwise_saves = [chunk for chunk, _ in planned]
 
     def _finish_layerwise(self, meta: LMCacheCoreMetadata) -> None:
@@ -406,6 +451,8 @@ class LMCacheCoreWorker:
             self._server.close()
         if self._loader is not None:
             self._loader.shutdown(wait=True, cancel_futures=True)
+        if self._reserve is not None:
+            self._reserve.close()
         if self._engine is not None:
             self._maybe_log(force=True)
             self._engine.close()  # waits for the background writes to disk/remote tiers
