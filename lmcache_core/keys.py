@@ -288,6 +288,16 @@ class ChunkHasher:
             keys.append(ChunkKey(self._prefix, previous))
         return keys
 
+    def segment_key(self, tokens: Sequence[int] | np.ndarray) -> ChunkKey:
+        """A position-independent key for a run of tokens (blending, :mod:`lmcache_core.blend`): the
+        digest of the scope, a domain tag and the tokens alone, not chained to what precedes them,
+        so the same text has the same key wherever it appears. Its readable prefix ends in ``:seg``
+        and its digest input is tagged, so it never equals a prefix chunk's key."""
+        packed = np.ascontiguousarray(tokens, dtype=np.uint32)
+        if packed.dtype.byteorder == ">":  # pragma: no cover - big-endian hosts
+            packed = packed.byteswap()
+        return ChunkKey(f"{self._prefix}:seg", self._digest(self._seed + b"segment" + packed.tobytes()))
+
     def chunk_bounds(self, num_tokens: int, include_partial: bool = False) -> list[tuple[int, int]]:
         """[start, end) token offsets matching :meth:`keys`."""
         end = num_tokens if include_partial else (num_tokens // self.chunk_size) * self.chunk_size
