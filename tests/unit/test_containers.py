@@ -119,7 +119,8 @@ def build_contexts() -> dict[Path, Path]:
 def setting_problems(environment: Mapping[str, str]) -> list[str]:
     """What lmcache-core would reject or ignore in ``environment``, as the connector loads it."""
     registry = load_registry(environment)
-    unknown = sorted(name for name in environment if name.startswith(PREFIX) and name not in known_variables(registry))
+    known = known_variables(registry)
+    unknown = sorted(name for name in environment if name.startswith(PREFIX) and name not in known)
     if unknown:
         return [f"{name} is not an lmcache-core setting (docs/configuration.md lists them)" for name in unknown]
     try:
@@ -132,7 +133,7 @@ def setting_problems(environment: Mapping[str, str]) -> list[str]:
 def container_port_names(deployment: dict[str, Any]) -> set[str | int]:
     ports = [port for container in deployment["spec"]["template"]["spec"]["containers"]
              for port in container.get("ports", [])]
-    return {port.get("name", port["containerPort"]) for port in ports} | {port["containerPort"] for port in ports}
+    return {key for port in ports for key in (port.get("name"), port["containerPort"]) if key is not None}
 
 
 @pytest.mark.parametrize("path", sorted(CONTAINERS.glob("*.yaml")), ids=lambda path: path.name)
