@@ -229,13 +229,25 @@ class CacheEngine:
             checked = checked[: checked.index(None)]
         return LoadResult(checked, hits)
 
-    def valid_chunk(self, chunk: torch.Tensor, index: int, num_keys: int) -> bool:
+    def load_segments(self, keys: Sequence[ChunkKey], lengths: Sequence[int]) -> LoadResult:
+        """KV of position-independent segments (:meth:`~lmcache_core.keys.ChunkHasher.segment_key`),
+        one entry per key, ``None`` where missing or not ``lengths[i]`` tokens of this scope's layout."""
+        chunks, hits = self.stack.read(keys, prefix=False)
+        checked = [chunk if chunk is not None and self.valid_chunk(chunk, index, len(keys), tokens=lengths[index])
+                   else None for index, chunk in enumerate(chunks)]
+        return LoadResult(checked, hits)
+
+    def valid_chunk(self, chunk: torch.Tensor, index: int, num_keys: int, tokens: int | None = None) -> bool:
         """Whether ``chunk`` can be chunk ``index`` of ``num_keys`` for this scope: its layout's shape
-        and dtype, and a full chunk of tokens (only the last key may be a partial chunk).
-        The one place loaded chunks are checked: never load KV computed for something else."""
+        and dtype, and a full chunk of tokens (only the last key may be a partial chunk), or exactly
+        ``tokens`` tokens when given (a segment). The one place loaded chunks are checked: never load
+        KV computed for something else."""
         layout = self.scope.layout
-        tokens = layout.tokens_in(chunk.shape)
-        full = tokens == self.chunk_size or (index == num_keys - 1 and 0 < tokens < self.chunk_size)
+        held = layout.tokens_in(chunk.shape)
+        if tokens is not None:
+            full = held == tokens > 0
+        else:
+            full = held == self.chunk_size or (index == num_keys - 1 and 0 < held < self.chunk_size)
         if full and str(chunk.dtype) == f"torch.{layout.dtype}":
             return True
         log.warning("chunk %d with shape %s / %s does not match %s with %d-token chunks; treating it as a miss",
