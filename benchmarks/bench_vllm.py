@@ -20,7 +20,8 @@ Workloads, in this order in every configuration:
   multi-round chat  U users, R rounds, interleaved; a shared system prompt and growing histories.
                     Each turn sends the previous turn's prompt, the answer vLLM generated to it
                     (--reply-tokens, greedy) and a new message, as a chat client does. With enough
-                    users the histories exceed vLLM's KV space.
+                    users the histories exceed vLLM's KV space. --first-message-tokens makes each
+                    user's first message longer (a document pasted into the chat).
   zero reuse        batches of unique prompts: prefill throughput, the cost of a cache that misses.
 
 Reported: TTFT p50/p90 per phase, total time, token hit rate (prompt tokens not recomputed), the
@@ -79,7 +80,8 @@ def build_workload(args: argparse.Namespace) -> tuple[Workload, list[str]]:
     last_turn: list[int] = []  # per user, the round of their previous turn
     for turn in range(args.rounds):
         for user in range(args.users):
-            message = tokens(4000 + 100 * user + turn, args.message_tokens)
+            length = args.first_message_tokens if turn == 0 and args.first_message_tokens else args.message_tokens
+            message = tokens(4000 + 100 * user + turn, length)
             if turn == 0:
                 last_turn.append(add("chat first turn", [system + message], f"u{user}.t0", args.reply_tokens))
             else:  # the whole conversation so far, with the answers vLLM generated
@@ -96,7 +98,9 @@ def build_workload(args: argparse.Namespace) -> tuple[Workload, list[str]]:
 
 def chat_tokens(args: argparse.Namespace) -> int:
     """The longest chat prompt: the system prompt and every turn's message and answer."""
-    return args.system_tokens + args.rounds * (args.message_tokens + args.reply_tokens)
+    first = args.first_message_tokens or args.message_tokens
+    later = (args.rounds - 1) * (args.message_tokens + args.reply_tokens)
+    return args.system_tokens + first + args.reply_tokens + later
 
 
 def configurations(args: argparse.Namespace, model: str, disk: Path) -> dict[str, EngineSpec]:
@@ -228,6 +232,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--system-tokens", type=int, default=1000)
     parser.add_argument("--message-tokens", type=int, default=300)
+    parser.add_argument("--first-message-tokens", type=int, default=0,
+                        help="each user's first message (e.g. a pasted document); 0: --message-tokens")
     parser.add_argument("--reply-tokens", type=int, default=100)
     parser.add_argument("--unique-prompts", type=int, default=16)
     parser.add_argument("--unique-tokens", type=int, default=1000)
