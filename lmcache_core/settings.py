@@ -142,6 +142,13 @@ class Settings(BaseSettings):
         "while the other requests keep running, instead of the whole batch waiting for the read. LMCache's "
         "variable of the same name; on by default here.",
     )
+    admit_after: int = Field(
+        1, ge=1,
+        description="vLLM: store a prompt's leading chunks only once the same prefix has arrived this many "
+        "times (counted in the scheduler, last 100,000 prefixes); 1 stores everything. A request's "
+        "kv_transfer_params {\"lmcache_store\": true|false} overrides it. With admission on, generated "
+        "tokens are not stored.",
+    )
     enable_blending: bool = Field(
         False, description="Reuse KV at any position (CacheBlend), as LMCache's variable of the same name. Accepted; "
         "takes effect in a later release.",

@@ -55,9 +55,13 @@ def request(prompt: list[int], request_id: str = "r1", computed: int = 0) -> Sim
     )
 
 
-def scheduler(vllm_side: Any, found: int = 0, first_tier: int = 0, tiers: tuple[str, ...] = ("cpu", "disk")) -> Any:
+def scheduler(vllm_side: Any, found: int = 0, first_tier: int = 0, tiers: tuple[str, ...] = ("cpu", "disk"),
+              admit_after: int = 1) -> Any:
+    from lmcache_core.integrations.vllm.admission import Admission
+
     connector = vllm_side.module.LMCacheCoreScheduler.__new__(vllm_side.module.LMCacheCoreScheduler)
     connector._chunk_size, connector._block_size = CHUNK, BLOCK
+    connector._admission = Admission(CHUNK, admit_after)
     connector._load_enabled = connector._save_enabled = connector._supported = True
     connector._save_generated = connector._async_loading = True
     connector._settings = SimpleNamespace(tiers=list(tiers))
@@ -112,6 +116,61 @@ def test_chunked_prefill_saves_each_chunk_once_when_complete(vllm_side: Any) -> 
         saved += [(t.start, t.end, len(t.tokens)) for t in meta.saves]
         running.num_computed_tokens += scheduled
     assert saved == [(0, 32, 32), (32, 64, 64), (64, 96, 96)]
+
+
+def saves_of_a_prefill(connector: Any, arriving: Any) -> list[tuple[int, int]]:
+    """The (start, end) of every save while ``arriving`` is prefilled in one step, decodes and finishes."""
+    connector.get_num_new_matched_tokens(arriving, 0)
+    connector.update_state_after_alloc(arriving, None, 0)
+    saved = []
+    for scheduled in (arriving.num_prompt_tokens, 1):
+        meta = connector.build_connector_meta(SimpleNamespace(num_scheduled_tokens={arriving.request_id: scheduled}))
+        saved += [(t.start, t.end) for t in meta.saves]
+        arriving.num_computed_tokens += scheduled
+        arriving.all_token_ids.append(7)
+    keep, _ = connector.request_finished(arriving, [])
+    if keep:
+        saved += [(t.start, t.end) for t in connector.build_connector_meta(
+            SimpleNamespace(num_scheduled_tokens={})).saves]
+    return saved
+
+
+def test_admission_stores_a_prefix_from_its_nth_arrival_on(vllm_side: Any) -> None:
+    connector = scheduler(vllm_side, admit_after=2)
+    shared = list(range(64))
+    assert saves_of_a_prefill(connector, request(shared + [900] * 40, "a")) == []  # seen once: nothing stored
+    # Seen twice now: the shared 64 tokens are admitted, the new tail is not (its prefix is new).
+    assert saves_of_a_prefill(connector, request(shared + [901] * 40, "b")) == [(0, 64)]
+    connector._client.answer = (2, 2, 2)  # the workers now hold the shared prefix
+    assert saves_of_a_prefill(connector, request(shared + [901] * 40, "c")) == [(64, 96)]
+    assert not connector._requests  # every request released: no pages held for saves that never come
+
+
+def test_a_request_can_ask_to_be_stored_or_not(vllm_side: Any) -> None:
+    connector = scheduler(vllm_side, admit_after=3)
+    keep = request(list(range(100)), "keep")
+    keep.kv_transfer_params = {"lmcache_store": True}
+    assert saves_of_a_prefill(connector, keep) == [(0, 96)]
+    connector = scheduler(vllm_side)  # stores everything by default
+    skip = request(list(range(100)), "skip")
+    skip.kv_transfer_params = {"lmcache_store": False}
+    assert saves_of_a_prefill(connector, skip) == []
+    odd = request(list(range(100)), "odd")
+    odd.kv_transfer_params = {"lmcache_store": "yes"}  # not a boolean: ignored with a warning, never fatal
+    assert saves_of_a_prefill(connector, odd) == [(0, 96)]
+
+
+def test_admission_forgets_the_oldest_prefixes_beyond_its_capacity() -> None:
+    from lmcache_core.integrations.vllm.admission import Admission
+
+    admission = Admission(4, 2, capacity=3)
+    assert admission.sighting(list(range(8))) == 0  # 2 prefixes tracked
+    assert admission.sighting(list(range(100, 108))) == 0  # 4 > 3: the oldest goes
+    assert admission.sighting(list(range(8))) == 0  # its first prefix was forgotten: seen once again
+    assert admission.sighting(list(range(8))) == 2
+    assert Admission(4, 1).sighting(list(range(8))) is None  # admit_after=1 admits everything
+    with pytest.raises(ValueError, match="at least 1"):
+        Admission(4, 0)
 
 
 def test_load_then_save_only_new_chunks(vllm_side: Any) -> None:

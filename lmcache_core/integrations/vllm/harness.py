@@ -73,7 +73,8 @@ class EngineSpec:
 class Workload:
     """Rounds of prompts; each round is submitted as one batch. A prompt is a token-id list, a text,
     or a chat's next turn: ``{"after": [round, position], "append": [ids]}`` is that earlier
-    request's prompt, then the tokens it generated, then ``append``."""
+    request's prompt, then the tokens it generated, then ``append``. ``{"ids": [ids]}`` is a
+    token-id list too; either dict may carry the request's ``"kv_transfer_params"``."""
 
     rounds: list[list[list[int] | str | dict[str, Any]]]
     max_tokens: int = 8
@@ -153,10 +154,15 @@ def _child(spec_path: str, result_path: str) -> None:
     sent: list[list[Any]] = []  # the prompts as sent, per round
     for index, prompts in enumerate(workload.rounds):
         max_tokens = workload.round_max_tokens[index] if workload.round_max_tokens else workload.max_tokens
-        params = SamplingParams(
-            max_tokens=max_tokens, temperature=0.0, ignore_eos=True, logprobs=1 if workload.logprobs else None
-        )
-        prompts = [_next_turn(p, sent, rounds) if isinstance(p, dict) else p for p in prompts]
+        params = [
+            SamplingParams(
+                max_tokens=max_tokens, temperature=0.0, ignore_eos=True, logprobs=1 if workload.logprobs else None,
+                extra_args={"kv_transfer_params": p["kv_transfer_params"]}
+                if isinstance(p, dict) and "kv_transfer_params" in p else None,
+            )
+            for p in prompts
+        ]
+        prompts = [_prompt_of(p, sent, rounds) for p in prompts]
         sent.append(prompts)
         inputs = [{"prompt_token_ids": p} if isinstance(p, list) else p for p in prompts]
         round_started = time.perf_counter()
@@ -185,6 +191,15 @@ def _child(spec_path: str, result_path: str) -> None:
         if ("prefix_cache" in metric.name or "preemption" in metric.name) and hasattr(metric, "value")
     }
     Path(result_path).write_text(json.dumps({"startup_s": startup_s, "rounds": rounds, "metrics": metrics}))
+
+
+def _prompt_of(prompt: list[int] | str | dict[str, Any], sent: list[list[Any]],
+               rounds: list[dict[str, Any]]) -> list[int] | str:
+    if not isinstance(prompt, dict):
+        return prompt
+    if "ids" in prompt:
+        return list(prompt["ids"])
+    return _next_turn(prompt, sent, rounds)
 
 
 def _next_turn(turn: dict[str, Any], sent: list[list[Any]], rounds: list[dict[str, Any]]) -> list[int]:

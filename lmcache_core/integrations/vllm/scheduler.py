@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
+from lmcache_core.integrations.vllm.admission import Admission, store_override
 from lmcache_core.integrations.vllm.control import ControlServer, InstanceInfo
 from lmcache_core.integrations.vllm.lookup import MISS, LookupClient, socket_path
 from lmcache_core.integrations.vllm.metadata import LMCacheCoreMetadata, LMCacheCoreWorkerMeta, Transfer
@@ -57,6 +58,13 @@ class _RequestState:
     waiting_for_load: bool = False  # its asynchronous load is under way (vLLM's WAITING_FOR_REMOTE_KVS)
     finished: bool = False  # vLLM finished it and keeps its pages until we release them
     block_ids: list[int] = field(default_factory=list)  # its pages, once finished
+    admitted_chunks: int | None = None  # leading chunks it may store (admission); None: all
+
+    def savable_chunks(self) -> int:
+        """Chunks computed that it may store."""
+        if self.admitted_chunks is None:
+            return self.computed_chunks
+        return min(self.computed_chunks, self.admitted_chunks)
 
 
 def tier_hit_sources(registry: Registry, tiers: list[str]) -> list[CacheHitSource]:
@@ -82,6 +90,7 @@ class LMCacheCoreScheduler:
         self._async_loading = settings.enable_async_loading
         self._block_size = vllm_config.cache_config.block_size
         self._chunk_size = settings.chunk_size
+        self._admission = Admission(settings.chunk_size, settings.admit_after)
         parallel = vllm_config.parallel_config
         self._lookup_paths = [
             socket_path(str(transfer_config.engine_id), parallel.data_parallel_rank, rank)
@@ -177,11 +186,25 @@ class LMCacheCoreScheduler:
         found = lookup.found if lookup is not None else 0
         state = self._requests.get(request.request_id)
         if state is None:
-            state = self._requests[request.request_id] = _RequestState(request, saved_chunks=found)
+            state = self._requests[request.request_id] = _RequestState(
+                request, saved_chunks=found, admitted_chunks=self._admitted_chunks(request))
         else:  # resumed after preemption: what we saved before is still stored
             state.saved_chunks = max(state.saved_chunks, found)
         state.computed_chunks = max(state.computed_chunks, state.saved_chunks)
         state.load_tokens = num_external_tokens
+
+    def _admitted_chunks(self, request: Request) -> int | None:
+        """How many leading chunks of ``request`` may be stored (None: all): admission counts this
+        arrival, and the request's own ``kv_transfer_params`` decide if they say."""
+        admitted = self._admission.sighting(request.prompt_token_ids or [])
+        try:
+            override = store_override(getattr(request, "kv_transfer_params", None))
+        except ValueError as error:
+            log.warning("lmcache-core: request %s: %s; ignored", request.request_id, error)
+            override = None
+        if override is not None:
+            return None if override else 0
+        return admitted
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> LMCacheCoreMetadata:
         """Loads of this step, and the saves whose KV is known to be right.
@@ -252,16 +275,17 @@ class LMCacheCoreScheduler:
 
     def _issue_save(self, meta: LMCacheCoreMetadata, state: _RequestState, block_ids: list[int] | None) -> None:
         """Save the chunks computed but not stored yet, unless a load they depend on is unconfirmed."""
-        if state.unconfirmed_loads or state.computed_chunks <= state.saved_chunks:
+        savable = state.savable_chunks()
+        if state.unconfirmed_loads or savable <= state.saved_chunks:
             return
         chunk = self._chunk_size
         request_id = state.request.request_id
         meta.saves.append(Transfer(
-            request_id, _tokens(state.request.all_token_ids, state.computed_chunks * chunk),
+            request_id, _tokens(state.request.all_token_ids, savable * chunk),
             block_ids if block_ids is not None else self._block_ids(request_id),
-            state.saved_chunks * chunk, state.computed_chunks * chunk,
+            state.saved_chunks * chunk, savable * chunk,
         ))
-        state.saved_chunks = state.computed_chunks
+        state.saved_chunks = savable
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         """The workers' report of a step's loads: confirm them, or roll back to the first failure so
@@ -301,7 +325,7 @@ class LMCacheCoreScheduler:
         if self._save_enabled and self._save_generated:
             # the tokens computed in its last step, up to the last full chunk of the answer
             state.computed_chunks = max(state.computed_chunks, self._ready_chunks(request, 0))
-        if self._save_enabled and (state.unconfirmed_loads or state.computed_chunks > state.saved_chunks):
+        if self._save_enabled and (state.unconfirmed_loads or state.savable_chunks() > state.saved_chunks):
             state.finished = True
             state.block_ids = list(block_ids)
             self._finishing.add(request.request_id)
