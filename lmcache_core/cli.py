@@ -16,7 +16,7 @@ from lmcache_core.backend import StorageBackend
 from lmcache_core.engine import build_backends
 from lmcache_core.errors import LMCacheError
 from lmcache_core.integrations.vllm.control import Instance, ask, running_instances, select_instance
-from lmcache_core.keys import select_keys
+from lmcache_core.keys import KEY_SCHEMA_VERSION, ChunkKey, model_matches, select_keys
 from lmcache_core.plugins import load_registry
 from lmcache_core.registry import Registry
 from lmcache_core.settings import Settings, load_settings
@@ -207,6 +207,34 @@ def cmd_clear(args: argparse.Namespace) -> int:
     return 0
 
 
+def stale(key: ChunkKey, namespaces: Sequence[str], models: Sequence[str]) -> bool:
+    """What ``prune`` removes: keys of an older key schema (never found again), and keys of the
+    given namespaces or models (``NAME`` for every digest of a model, ``NAME@DIGEST`` for one:
+    a checkpoint replaced, a tenant gone)."""
+    if key.schema_version != KEY_SCHEMA_VERSION:
+        return True
+    return any(key.in_namespace(namespace) for namespace in namespaces) or any(
+        model_matches(key, model) for model in models)
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    registry, settings = _load()
+    namespaces, models = args.namespace or [], args.model or []
+    for backend in _tiers(args, registry, settings):
+        try:
+            doomed = [key for key in select_keys(backend.iter_keys(), None) if stale(key, namespaces, models)]
+            if args.yes:
+                removed = backend.delete(doomed)
+                print(f"{backend.name}: removed {removed} stale chunks")
+            else:
+                print(f"{backend.name}: {len(doomed)} stale chunks (repeat with --yes to remove them)")
+        except NotImplementedError as error:
+            print(f"{backend.name}\t({error})", file=sys.stderr)
+        finally:
+            backend.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmcache-core", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -234,6 +262,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "only one running, else fresh backends")
             sub.add_argument("--fresh", action="store_true",
                              help="fresh backends from the LMCACHE_* settings, even when an instance is running")
+    prune = commands.add_parser("prune", help="remove stale chunks: older key schemas, given namespaces or models")
+    prune.add_argument("--tier", action="append", help="only this tier (repeatable)")
+    prune.add_argument("--namespace", action="append", help="also every chunk of this namespace (repeatable)")
+    prune.add_argument("--model", action="append",
+                       help="also every chunk of this model: NAME (any checkpoint) or NAME@DIGEST, as `ls` shows "
+                            "them (repeatable)")
+    prune.add_argument("--yes", action="store_true", help="really delete (otherwise: count only)")
+    prune.set_defaults(run=cmd_prune)
     ps = commands.add_parser("ps", help="running instances (vLLM with lmcache-core) that stats and ls can ask")
     ps.set_defaults(run=cmd_ps)
     return parser

@@ -190,10 +190,28 @@ class ChunkKey:
         """Whether this key belongs to tenant ``namespace``: what ``ls`` and ``clear`` select by."""
         return self.namespace_label == namespace_label(namespace)
 
+    @property
+    def schema_version(self) -> int:
+        """The key schema version it was written with (:data:`KEY_SCHEMA_VERSION` today)."""
+        return int(self.prefix.split(":", 1)[0][1:])
+
+    @property
+    def model_label(self) -> str:
+        """``<model name>@<model digest>`` as the prefix writes it."""
+        return self.prefix.split(":", 3)[2]
+
 
 def namespace_label(namespace: str) -> str:
     """How ``namespace`` appears in key prefixes, file names and object keys."""
     return _slug(namespace)
+
+
+def model_matches(key: ChunkKey, model: str) -> bool:
+    """Whether ``key`` is of ``model``: ``NAME`` (any checkpoint) or ``NAME@DIGEST`` (one; the digest
+    as ``ls`` shows it, or any prefix of it). Names compare as key prefixes write them."""
+    name, _, digest = key.model_label.partition("@")
+    wanted_name, _, wanted_digest = model.partition("@")
+    return name == _slug(wanted_name) and digest.startswith(wanted_digest)
 
 
 def select_keys(names: Iterable[str], namespace: str | None) -> Iterator[ChunkKey]:

@@ -276,7 +276,7 @@ class RedisBackend(SerializingBackend):
             return 0
         if self.settings.mode != "cluster":
             return self._set_scattered(items)
-        expiry = () if self.settings.ttl is None else ("EX", self.settings.ttl)
+        expiry = ("EX", self.settings.ttl) if self.settings.ttl else ()
         commands, sizes = [], []
         for name, parts, size in self._within_limit(items):
             commands.append(("SET", name, b"".join(parts), *expiry))
@@ -341,8 +341,8 @@ class RedisBackend(SerializingBackend):
         from redis.exceptions import ResponseError
 
         ttl = self.settings.ttl
-        expiry = b"" if ttl is None else b"$2\r\nEX\r\n$%d\r\n%d\r\n" % (len(str(ttl)), ttl)
-        argc = 3 if ttl is None else 5
+        expiry = b"$2\r\nEX\r\n$%d\r\n%d\r\n" % (len(str(ttl)), ttl) if ttl else b""
+        argc = 5 if ttl else 3
         sizes: list[int] = []  # of the SETs sent, in order
 
         def pieces() -> Iterator[Blob]:

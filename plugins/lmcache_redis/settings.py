@@ -28,7 +28,11 @@ class RedisSettings(BackendSettings):
     )
     connect_timeout: float = Field(1.0, gt=0, description="Seconds to wait for a TCP/TLS connection.")
     max_connections: int = Field(32, gt=0, description="Connection pool size (per node in cluster mode).")
-    ttl: int | None = Field(None, gt=0, description="Seconds until a stored chunk expires; unset = never.")
+    ttl: int = Field(
+        7 * 24 * 3600, ge=0,
+        description="Seconds until a stored chunk expires (7 days by default, so a shared Redis does not keep "
+        "every chunk forever); 0 = never.",
+    )
     max_value_size: ByteSize = Field(
         ByteSize(512 * 1024**2),
         description="Largest value to store; bigger chunks are refused, logged and counted. Redis refuses values "

@@ -1,4 +1,4 @@
-"""``lmcache-core ls`` and ``clear --yes`` against a real redis-server and a real S3 API (moto) that
+"""``lmcache-core ls``, ``clear --yes`` and ``prune`` against a real redis-server and a real S3 API (moto) that
 other applications and other tenants share: only this namespace's chunks are listed and deleted,
 ``--all-namespaces`` reaches the other tenants, and nothing that is not a chunk key is touched."""
 
@@ -7,12 +7,15 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import pytest
+import torch
 from services import RedisServer
 
-from lmcache_core.backend import BackendContext, SerializingBackend
+from lmcache_core.backend import BackendContext, Chunk, SerializingBackend
 from lmcache_core.cli import main
-from lmcache_core.testing.conformance import make_chunks
+from lmcache_core.keys import CacheScope, ChunkHasher, ChunkKey
+from lmcache_core.testing.conformance import LAYOUT, make_chunks
 from lmcache_redis.backend import RedisBackend
 from lmcache_redis.settings import RedisSettings
 from lmcache_s3.backend import ObjectStoreBackend
@@ -148,3 +151,47 @@ def test_clear_without_yes_deletes_nothing(
     code, _, err = run_cli(capsys, "clear")
     assert code == 2 and "--yes" in err and OURS in err
     assert store.names() == ours | theirs
+
+
+def old_schema_chunk() -> Chunk:
+    """A chunk written under an earlier key schema (``v0``): never looked up again by this version."""
+    current = make_chunks(1, seed=7, namespace=OURS)[0]
+    old = ChunkKey("v0" + current.key.prefix[current.key.prefix.index(":"):], current.key.digest)
+    return Chunk(old, current.kv, 0)
+
+
+def chunks_of_model(model: str, digest: str = "f" * 16) -> list[Chunk]:
+    hasher = ChunkHasher(CacheScope(OURS, model, digest, LAYOUT), chunk_size=16)
+    keys = hasher.keys(np.arange(32, dtype=np.uint32))
+    return [Chunk(key, torch.zeros(LAYOUT.chunk_shape(16), dtype=getattr(torch, LAYOUT.dtype)), i)
+            for i, key in enumerate(keys)]
+
+
+def test_prune_counts_then_removes_older_key_schemas_only(
+    store: _Store, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ours, theirs = fill(store.backend)
+    old = old_schema_chunk()
+    store.backend.put_many([old])
+    store.put_foreign()
+    code, out, _ = run_cli(capsys, "prune")
+    assert code == 0 and f"{store.tier}: 1 stale chunks (repeat with --yes" in out
+    assert str(old.key) in store.names()
+    code, out, _ = run_cli(capsys, "prune", "--yes")
+    assert code == 0 and f"{store.tier}: removed 1 stale chunks" in out
+    assert store.names() == ours | theirs | {FOREIGN}  # current chunks of every tenant, and the foreign key, stay
+
+
+def test_prune_removes_a_replaced_checkpoint_or_a_tenant(
+    store: _Store, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ours, theirs = fill(store.backend)
+    replaced, other_model = chunks_of_model("conformance-model", "e" * 16), chunks_of_model("org/other-model")
+    store.backend.put_many(replaced + other_model)
+    # one checkpoint of a model (the digest as `ls` shows it), then a whole model by name, then a tenant
+    assert run_cli(capsys, "prune", "--yes", "--model", "conformance-model@eeeeeeee")[0] == 0
+    assert store.names() == ours | theirs | {str(c.key) for c in other_model}
+    assert run_cli(capsys, "prune", "--yes", "--model", "org/other-model")[0] == 0
+    assert store.names() == ours | theirs
+    assert run_cli(capsys, "prune", "--yes", "--namespace", THEIRS)[0] == 0
+    assert store.names() == ours

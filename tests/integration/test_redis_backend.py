@@ -102,13 +102,16 @@ def test_large_values_arrive_in_writable_memory(redis_url: str) -> None:
     backend.close()
 
 
-def test_ttl_is_set_on_every_value(redis_server: RedisServer, redis_url: str) -> None:
-    backend = make_backend(redis_url, ttl=120)
-    chunks = make_chunks(2)
+@pytest.mark.parametrize(("settings", "expected"), [({"ttl": 120}, 120), ({}, 7 * 24 * 3600), ({"ttl": 0}, -1)],
+                         ids=["set", "default 7 days", "0 = never"])
+def test_ttl_is_set_on_every_value(redis_server: RedisServer, redis_url: str, settings: dict[str, int],
+                                   expected: int) -> None:
+    backend = make_backend(redis_url, **settings)
+    chunks = make_chunks(2, seed=100 + expected)  # keys of their own: a key written twice takes the last TTL
     backend.put_many(chunks)
     for chunk in chunks:
         ttl = int(redis_server.call("TTL", str(chunk.key)).strip()[1:])
-        assert 0 < ttl <= 120
+        assert ttl == -1 if expected == -1 else 0 < ttl <= expected  # -1: no expiry
     backend.close()
 
 
