@@ -18,6 +18,8 @@ import json
 import re
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +198,33 @@ def test_vllm_serve_configured_by_environment(server: dict[str, Any], model_path
     assert (first["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0) == 0
     assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == 3840
     assert second["choices"][0]["text"] == first["choices"][0]["text"]
+
+
+def scrape(url: str, name: str, **labels: str) -> float:
+    """The sum of the samples of ``name`` on the server's /metrics whose labels include ``labels``."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{key}="{value}"' in line for key, value in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_vllm_metrics_count_the_hit_tokens_of_a_request_on_its_tier(server: dict[str, Any], model_path: str) -> None:
+    """lmcache-core's counters on vLLM's own /metrics (build_prom_metrics): a repeated prompt's
+    loaded tokens appear on the cpu tier's series, once per request."""
+    complete(server["url"], model_path, PROMPT_4K)  # stored (if the tests above have not already)
+    before = scrape(server["url"], "lmcache_core:hit_tokens_total", tier="cpu")
+    hit = complete(server["url"], model_path, PROMPT_4K)
+    assert hit["usage"]["prompt_tokens_details"]["cached_tokens"] == 3840
+    deadline = time.monotonic() + 30  # vLLM's stat loggers record a step's stats shortly after it
+    while scrape(server["url"], "lmcache_core:hit_tokens_total", tier="cpu") - before < 3840:
+        assert time.monotonic() < deadline, "the hit never reached /metrics"
+        time.sleep(0.5)
+    assert scrape(server["url"], "lmcache_core:hit_tokens_total", tier="cpu") - before == 3840
+    assert scrape(server["url"], "lmcache_core:load_bytes_total") > 0
+    assert scrape(server["url"], "lmcache_core:saved_tokens_total") >= 3840
 
 
 def lmcache_cli(*argv: str) -> subprocess.CompletedProcess[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import time
 import warnings
+from collections import Counter
 from types import SimpleNamespace
 from typing import Any
 
@@ -70,6 +71,7 @@ def scheduler(vllm_side: Any, found: int = 0, first_tier: int = 0, tiers: tuple[
     connector._tier_sources = tier_hit_sources(load_registry(), list(tiers))
     connector._client = FakeClient(found, first_tier)
     connector._requests, connector._lookups, connector._finishing = {}, {}, set()
+    connector._stats = Counter()
     connector._kv_cache_manager = SimpleNamespace(get_block_ids=lambda request_id: (list(range(NUM_BLOCKS)),))
     return connector
 
@@ -102,6 +104,24 @@ def test_hit_sources_split_by_tier(vllm_side: Any) -> None:
     assert connector.get_external_cache_hit_sources(waiting, external) == {
         vllm_side.source.HOST: 32, vllm_side.source.DISK: 64,
     }
+
+
+def test_the_scheduler_counts_each_requests_tokens_once(vllm_side: Any) -> None:
+    """Per request, by tier (the workers' stats are summed over the ranks by vLLM: at TP=2 their
+    token counts double, these do not)."""
+    connector = scheduler(vllm_side, found=3, first_tier=1)
+    arriving = request(list(range(100)))
+    external, _ = connector.get_num_new_matched_tokens(arriving, 0)
+    connector.update_state_after_alloc(arriving, None, external)
+    arriving.num_computed_tokens = external
+    connector.build_connector_meta(SimpleNamespace(num_scheduled_tokens={"r1": 100 - external}))
+    assert connector.get_kv_connector_stats().data == {"request_hit_tokens_cpu": 32, "request_hit_tokens_disk": 64}
+    connector.update_connector_output(load_outcome(vllm_side, {"r1"}, {"r1": 64}))  # chunk 2 failed to load
+    arriving.num_computed_tokens = 100
+    meta = connector.build_connector_meta(SimpleNamespace(num_scheduled_tokens={"r1": 1}))
+    assert [(t.start, t.end) for t in meta.saves] == [(64, 96)]  # the recomputed chunk
+    assert connector.get_kv_connector_stats().data == {"request_failed_load_tokens": 32, "request_save_tokens": 32}
+    assert connector.get_kv_connector_stats() is None  # nothing new
 
 
 def test_chunked_prefill_saves_each_chunk_once_when_complete(vllm_side: Any) -> None:

@@ -81,6 +81,7 @@ from lmcache_core.settings import Settings, load_settings
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, PromMetric, PromMetricT
     from vllm.forward_context import ForwardContext
     from vllm.v1.attention.backend import AttentionMetadata
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
@@ -235,9 +236,24 @@ class LMCacheCoreConnector(KVConnectorBase_V1):
         return self._worker().get_block_ids_with_load_errors()
 
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
-        if self.connector_worker is None:  # vLLM asks both roles
-            return None
-        return self.connector_worker.get_kv_connector_stats()
+        # vLLM asks both roles and sums what they return: per-request token counts come from the
+        # scheduler, bytes and seconds (per rank, summed rightly) from the workers.
+        if self.connector_worker is not None:
+            return self.connector_worker.get_kv_connector_stats()
+        return self._scheduler().get_kv_connector_stats()
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: VllmConfig,
+        metric_types: dict[type[PromMetric], type[PromMetricT]],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> KVConnectorPromMetrics | None:
+        """lmcache-core's metrics on vLLM's ``/metrics`` (see :mod:`.prometheus`)."""
+        from lmcache_core.integrations.vllm.prometheus import LMCacheCorePromMetrics
+
+        return LMCacheCorePromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     @classmethod
     def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:

@@ -69,6 +69,11 @@ class LMCacheCoreWorkerMeta(KVConnectorWorkerMetadata):
         return self
 
 
+# Stats reported as they are, per tier or per kind: the workers' hits, layer-by-layer counts, the
+# scheduler's per-request counts, the tiers' events (see .prometheus).
+_COUNTED_PREFIXES = ("hit_tokens_", "layerwise_", "request_", "evicted_", "dropped_writes_", "tier_errors_")
+
+
 @dataclass
 class LMCacheCoreStats(KVConnectorStats):
     """Per-interval counters; summed over workers and steps by vLLM, logged by its stats logger."""
@@ -94,7 +99,7 @@ class LMCacheCoreStats(KVConnectorStats):
             if seconds:
                 report[f"{direction}_GBps"] = round(data.get(f"{direction}_bytes", 0) / seconds / 1e9, 3)
         for name, value in sorted(data.items()):
-            if name.startswith(("hit_tokens_", "layerwise_")) or name in ("declined_load_tokens", "fresh_save_buffers"):
+            if name.startswith(_COUNTED_PREFIXES) or name in ("declined_load_tokens", "fresh_save_buffers"):
                 report[name] = int(value)
         return report
 

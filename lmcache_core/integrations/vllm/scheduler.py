@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -20,7 +21,12 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 from lmcache_core.integrations.vllm.admission import Admission, store_override
 from lmcache_core.integrations.vllm.control import ControlServer, InstanceInfo
 from lmcache_core.integrations.vllm.lookup import MISS, LookupClient, socket_path
-from lmcache_core.integrations.vllm.metadata import LMCacheCoreMetadata, LMCacheCoreWorkerMeta, Transfer
+from lmcache_core.integrations.vllm.metadata import (
+    LMCacheCoreMetadata,
+    LMCacheCoreStats,
+    LMCacheCoreWorkerMeta,
+    Transfer,
+)
 from lmcache_core.registry import Registry
 from lmcache_core.settings import Settings
 
@@ -59,6 +65,7 @@ class _RequestState:
     finished: bool = False  # vLLM finished it and keeps its pages until we release them
     block_ids: list[int] = field(default_factory=list)  # its pages, once finished
     admitted_chunks: int | None = None  # leading chunks it may store (admission); None: all
+    load_end: int = 0  # the end of its last load, for counting the tokens a failed load loses
 
     def savable_chunks(self) -> int:
         """Chunks computed that it may store."""
@@ -112,6 +119,9 @@ class LMCacheCoreScheduler:
         self._requests: dict[str, _RequestState] = {}
         self._lookups: dict[str, _Lookup] = {}
         self._finishing: set[str] = set()  # finished requests whose pages vLLM keeps for our saves
+        # Per request, not per rank (vLLM sums the workers' stats over the ranks): token counts for
+        # Prometheus and the stats log come from here (see :mod:`.prometheus`).
+        self._stats: Counter[str] = Counter()
         log.info("lmcache-core connector (scheduler): chunk_size=%d tiers=%s, workers at %s",
                  self._chunk_size, ",".join(settings.tiers), ", ".join(self._lookup_paths))
 
@@ -154,7 +164,7 @@ class LMCacheCoreScheduler:
         lookup = self._lookup(request)
         if lookup is None:
             return None, False  # vLLM skips the request this step and asks again in the next one
-        lookup.vllm_cached_tokens = num_computed_tokens  # for get_external_cache_hit_sources
+        lookup.vllm_cached_tokens = num_computed_tokens  # for get_external_cache_hit_sources and the stats
         hit = min(lookup.loadable * self._chunk_size, request.num_prompt_tokens - 1)
         hit -= hit % self._block_size
         external = max(0, hit - num_computed_tokens)
@@ -169,9 +179,7 @@ class LMCacheCoreScheduler:
         lookup = self._lookups.get(request.request_id)
         if lookup is None:
             return {CacheHitSource.EXTERNAL_UNSPECIFIED: num_external_tokens}
-        cached = lookup.vllm_cached_tokens
-        end_first = lookup.first_tier * self._chunk_size
-        from_first = max(0, min(cached + num_external_tokens, end_first) - cached)
+        from_first = self._from_first_tier(lookup, num_external_tokens)
         tier_sources = self._tier_sources
         sources = {tier_sources[0]: from_first}
         if num_external_tokens > from_first:
@@ -179,10 +187,36 @@ class LMCacheCoreScheduler:
             sources[lower] = sources.get(lower, 0) + num_external_tokens - from_first
         return {source: count for source, count in sources.items() if count}
 
+    def _from_first_tier(self, lookup: _Lookup, num_external_tokens: int) -> int:
+        """Of a request's external tokens, how many its first tier holds (the rest: lower tiers)."""
+        cached = lookup.vllm_cached_tokens
+        end_first = lookup.first_tier * self._chunk_size
+        return max(0, min(cached + num_external_tokens, end_first) - cached)
+
+    def _count_hit(self, lookup: _Lookup | None, num_external_tokens: int) -> None:
+        """The request's hit tokens by tier: the first tier's, and the rest to the second tier (or
+        ``lower`` when there are more, which the lookup does not tell apart)."""
+        tiers = list(self._settings.tiers)
+        from_first = self._from_first_tier(lookup, num_external_tokens) if lookup is not None else 0
+        if from_first:
+            self._stats[f"request_hit_tokens_{tiers[0]}"] += from_first
+        if num_external_tokens > from_first:
+            lower = tiers[1] if len(tiers) == 2 else "lower"
+            self._stats[f"request_hit_tokens_{lower}"] += num_external_tokens - from_first
+
+    def get_kv_connector_stats(self) -> LMCacheCoreStats | None:
+        """This process's share of the step's stats: per-request token counts."""
+        if not self._stats:
+            return None
+        stats, self._stats = LMCacheCoreStats(data=dict(self._stats)), Counter()
+        return stats
+
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         if not self._cacheable(request):
             return
         lookup = self._lookups.get(request.request_id)
+        if num_external_tokens:
+            self._count_hit(lookup, num_external_tokens)
         found = lookup.found if lookup is not None else 0
         state = self._requests.get(request.request_id)
         if state is None:
@@ -255,6 +289,7 @@ class LMCacheCoreScheduler:
         meta.loads.append(Transfer(request.request_id, _tokens(request.prompt_token_ids or [], chunk_end),
                                    self._block_ids(request.request_id), start, end, asynchronous=asynchronous))
         state.load_tokens = 0
+        state.load_end = end
         state.unconfirmed_loads += 1
         state.waiting_for_load = asynchronous
 
@@ -285,6 +320,7 @@ class LMCacheCoreScheduler:
             block_ids if block_ids is not None else self._block_ids(request_id),
             state.saved_chunks * chunk, savable * chunk,
         ))
+        self._stats["request_save_tokens"] += (savable - state.saved_chunks) * chunk
         state.saved_chunks = savable
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
@@ -301,6 +337,7 @@ class LMCacheCoreScheduler:
             state.waiting_for_load = False
             failed_from = report.failed_from.get(request_id)
             if failed_from is not None:
+                self._stats["request_failed_load_tokens"] += max(0, state.load_end - failed_from)
                 first_bad_chunk = failed_from // self._chunk_size
                 state.saved_chunks = min(state.saved_chunks, first_bad_chunk)
                 state.computed_chunks = min(state.computed_chunks, first_bad_chunk)

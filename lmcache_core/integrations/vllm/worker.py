@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("vllm.lmcache_core")
 
 _STATS_LOG_INTERVAL_S = 30.0
+_TIER_EVENTS_INTERVAL_S = 1.0
 
 
 class LMCacheCoreWorker:
@@ -91,6 +92,8 @@ class LMCacheCoreWorker:
         self._stats: Counter[str] = Counter()
         self._totals: Counter[str] = Counter()
         self._last_log = time.monotonic()
+        self._tier_events_at = 0.0
+        self._tier_events_seen: dict[tuple[str, str], int] = {}
 
     def bind_connector_metadata(self, metadata: KVConnectorMetadata) -> None:
         assert isinstance(metadata, LMCacheCoreMetadata)
@@ -430,12 +433,28 @@ class LMCacheCoreWorker:
         return failed
 
     def get_kv_connector_stats(self) -> LMCacheCoreStats | None:
+        self._count_tier_events()
         if not self._stats:
             return None
         stats = LMCacheCoreStats(data=dict(self._stats))
         self._totals.update(self._stats)
         self._stats.clear()
         return stats
+
+    def _count_tier_events(self) -> None:
+        """Evictions, dropped writes and errors of each tier since the last look (at most once a
+        second: the tiers' counters are read under their locks), as stats for Prometheus."""
+        now = time.monotonic()
+        if self._engine is None or now - self._tier_events_at < _TIER_EVENTS_INTERVAL_S:
+            return
+        self._tier_events_at = now
+        for tier, counters in self._engine.stats().items():
+            for name, stat in (("evicted", "evicted"), ("dropped_writes", "dropped_writes"), ("errors", "tier_errors")):
+                value = int(counters.get(name, 0))
+                seen = self._tier_events_seen.get((tier, name), 0)
+                if value > seen:
+                    self._stats[f"{stat}_{tier}"] += value - seen
+                self._tier_events_seen[(tier, name)] = value
 
     def _maybe_log(self, force: bool = False) -> None:
         now = time.monotonic()
