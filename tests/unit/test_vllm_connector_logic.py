@@ -72,6 +72,7 @@ def scheduler(vllm_side: Any, found: int = 0, first_tier: int = 0, tiers: tuple[
     connector._client = FakeClient(found, first_tier)
     connector._requests, connector._lookups, connector._finishing = {}, {}, set()
     connector._stats = Counter()
+    connector._events_enabled, connector._events = False, []
     connector._kv_cache_manager = SimpleNamespace(get_block_ids=lambda request_id: (list(range(NUM_BLOCKS)),))
     return connector
 
@@ -122,6 +123,37 @@ def test_the_scheduler_counts_each_requests_tokens_once(vllm_side: Any) -> None:
     assert [(t.start, t.end) for t in meta.saves] == [(64, 96)]  # the recomputed chunk
     assert connector.get_kv_connector_stats().data == {"request_failed_load_tokens": 32, "request_save_tokens": 32}
     assert connector.get_kv_connector_stats() is None  # nothing new
+
+
+def test_saves_publish_store_events_per_tier_with_vllms_block_hashes(vllm_side: Any) -> None:
+    from vllm.distributed.kv_events import BlockStored
+    from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash as published  # what vLLM's own events carry
+
+    connector = scheduler(vllm_side)
+    connector._events_enabled = True
+    arriving = request(list(range(100)))
+    arriving.block_hashes = [bytes([n]) * 32 for n in range(6)]  # vLLM's hashes of its 6 full 16-token blocks
+    connector.get_num_new_matched_tokens(arriving, 0)
+    connector.update_state_after_alloc(arriving, None, 0)
+    connector.build_connector_meta(SimpleNamespace(num_scheduled_tokens={"r1": 40}))  # chunk 0: blocks 0, 1
+    arriving.num_computed_tokens = 40
+    connector.build_connector_meta(SimpleNamespace(num_scheduled_tokens={"r1": 60}))  # chunks 1, 2: blocks 2..5
+    events = connector.take_events()
+    assert all(isinstance(event, BlockStored) for event in events)
+    assert [(event.medium, len(event.block_hashes), event.parent_block_hash) for event in events] == [
+        ("cpu", 2, None), ("disk", 2, None), ("cpu", 4, published(bytes([1]) * 32)),
+        ("disk", 4, published(bytes([1]) * 32))]
+    assert events[2].block_hashes == [published(value) for value in arriving.block_hashes[2:6]]
+    assert events[2].token_ids == list(range(32, 96)) and events[2].block_size == BLOCK
+    assert connector.take_events() == []
+
+
+def test_no_events_unless_vllm_publishes_them(vllm_side: Any) -> None:
+    connector = scheduler(vllm_side)
+    arriving = request(list(range(100)))
+    arriving.block_hashes = [bytes([n]) * 32 for n in range(6)]
+    assert saves_of_a_prefill(connector, arriving) == [(0, 96)]
+    assert connector.take_events() == []
 
 
 def test_chunked_prefill_saves_each_chunk_once_when_complete(vllm_side: Any) -> None:

@@ -53,6 +53,7 @@ vLLM CPU kernels whose cache layout fails the start-up probe (see :mod:`.layouts
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -81,6 +82,7 @@ from lmcache_core.settings import Settings, load_settings
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_events import KVCacheEvent
     from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, PromMetric, PromMetricT
     from vllm.forward_context import ForwardContext
     from vllm.v1.attention.backend import AttentionMetadata
@@ -234,6 +236,12 @@ class LMCacheCoreConnector(KVConnectorBase_V1):
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker().get_block_ids_with_load_errors()
+
+    def take_events(self) -> Iterable[KVCacheEvent]:
+        """Store events of the tiers for vLLM's KV-event stream (scheduler side; see the scheduler)."""
+        if self.connector_scheduler is None:
+            return ()
+        return self.connector_scheduler.take_events()
 
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
         # vLLM asks both roles and sums what they return: per-request token counts come from the

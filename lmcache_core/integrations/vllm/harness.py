@@ -67,6 +67,7 @@ class EngineSpec:
     tensor_parallel_size: int = 1
     env: dict[str, str] = field(default_factory=dict)
     use_module_path: bool = True  # False: rely on the vllm.general_plugins entry point
+    kv_events_port: int | None = None  # publish vLLM's KV events there (ZMQ) and record what a subscriber gets
 
 
 @dataclass
@@ -135,6 +136,14 @@ def _child(spec_path: str, result_path: str) -> None:
     kwargs: dict[str, Any] = {}
     if spec.num_gpu_blocks_override:
         kwargs["num_gpu_blocks_override"] = spec.num_gpu_blocks_override
+    subscriber = None
+    if spec.kv_events_port:
+        from vllm.config import KVEventsConfig
+
+        endpoint = f"tcp://127.0.0.1:{spec.kv_events_port}"
+        kwargs["kv_events_config"] = KVEventsConfig(enable_kv_cache_events=True, publisher="zmq",
+                                                    endpoint=endpoint.replace("127.0.0.1", "*"), topic="kv")
+        subscriber = _EventSubscriber(endpoint)
     llm = LLM(
         model=spec.model,
         dtype="float32",
@@ -190,7 +199,51 @@ def _child(spec_path: str, result_path: str) -> None:
         for metric in llm.get_metrics()
         if ("prefix_cache" in metric.name or "preemption" in metric.name) and hasattr(metric, "value")
     }
-    Path(result_path).write_text(json.dumps({"startup_s": startup_s, "rounds": rounds, "metrics": metrics}))
+    result = {"startup_s": startup_s, "rounds": rounds, "metrics": metrics}
+    if subscriber is not None:
+        result["kv_events"] = subscriber.stop()
+    Path(result_path).write_text(json.dumps(result))
+
+
+class _EventSubscriber:
+    """A router's view of vLLM's KV-event stream: a ZMQ SUB socket on a thread, decoding every batch."""
+
+    def __init__(self, endpoint: str) -> None:
+        import threading
+
+        import zmq
+
+        self.events: list[dict[str, Any]] = []
+        self._socket = zmq.Context.instance().socket(zmq.SUB)
+        self._socket.setsockopt(zmq.SUBSCRIBE, b"kv")
+        self._socket.setsockopt(zmq.RCVTIMEO, 200)
+        self._socket.connect(endpoint)
+        self._running = True
+        self._thread = threading.Thread(target=self._receive, daemon=True)
+        self._thread.start()
+
+    def _receive(self) -> None:
+        import msgspec
+        import zmq
+        from vllm.distributed.kv_events import KVEventBatch
+
+        decoder = msgspec.msgpack.Decoder(type=KVEventBatch)
+        while self._running:
+            try:
+                _topic, _sequence, payload = self._socket.recv_multipart()
+            except zmq.Again:
+                continue
+            for event in decoder.decode(payload).events:
+                self.events.append({"type": type(event).__name__, "medium": getattr(event, "medium", None),
+                                    "blocks": len(getattr(event, "block_hashes", []) or []),
+                                    "tokens": len(getattr(event, "token_ids", []) or [])})
+
+    def stop(self) -> list[dict[str, Any]]:
+        time.sleep(1.0)  # the publisher sends from its own thread
+        self._running = False
+        self._thread.join(timeout=5)
+        self._socket.close(linger=0)
+        return self.events
 
 
 def _prompt_of(prompt: list[int] | str | dict[str, Any], sent: list[list[Any]],

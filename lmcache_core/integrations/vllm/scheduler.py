@@ -122,6 +122,11 @@ class LMCacheCoreScheduler:
         # Per request, not per rank (vLLM sums the workers' stats over the ranks): token counts for
         # Prometheus and the stats log come from here (see :mod:`.prometheus`).
         self._stats: Counter[str] = Counter()
+        # KV events for cache-aware routers (vLLM's --kv-events-config): a store event per tier for
+        # every save, with vLLM's own block hashes (see _store_events).
+        events_config = getattr(vllm_config, "kv_events_config", None)
+        self._events_enabled = bool(getattr(events_config, "enable_kv_cache_events", False))
+        self._events: list[Any] = []
         log.info("lmcache-core connector (scheduler): chunk_size=%d tiers=%s, workers at %s",
                  self._chunk_size, ",".join(settings.tiers), ", ".join(self._lookup_paths))
 
@@ -321,7 +326,33 @@ class LMCacheCoreScheduler:
             state.saved_chunks * chunk, savable * chunk,
         ))
         self._stats["request_save_tokens"] += (savable - state.saved_chunks) * chunk
+        if self._events_enabled:
+            self._store_events(state.request, state.saved_chunks * chunk, savable * chunk)
         state.saved_chunks = savable
+
+    def _store_events(self, request: Request, start: int, end: int) -> None:
+        """``BlockStored`` events for tokens ``[start, end)`` of ``request``, one per tier (the
+        ``medium``), with vLLM's hashes of the blocks they fill, so a router that matches vLLM's
+        block hashes sees that these tiers hold them. Lower tiers are written in the background:
+        their event says the write is under way (a write the tier later drops is not reported).
+        Only whole blocks that vLLM has hashed (it hashes with prefix caching on) are reported."""
+        from vllm.distributed.kv_events import BlockStored
+        from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
+
+        hashes = list(getattr(request, "block_hashes", None) or [])
+        first, last = -(-start // self._block_size), min(end // self._block_size, len(hashes))
+        if last <= first:
+            return
+        parent = maybe_convert_block_hash(hashes[first - 1]) if first else None
+        tokens = list(request.all_token_ids[first * self._block_size : last * self._block_size])
+        block_hashes = [maybe_convert_block_hash(value) for value in hashes[first:last]]
+        for tier in self._settings.tiers:
+            self._events.append(BlockStored(block_hashes=block_hashes, parent_block_hash=parent, token_ids=tokens,
+                                            block_size=self._block_size, lora_id=None, medium=tier, lora_name=None))
+
+    def take_events(self) -> list[Any]:
+        events, self._events = self._events, []
+        return events
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         """The workers' report of a step's loads: confirm them, or roll back to the first failure so
