@@ -9,7 +9,7 @@ import json
 import logging
 import platform
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 
 from lmcache_core.backend import StorageBackend
@@ -178,18 +178,28 @@ def cmd_ls(args: argparse.Namespace) -> int:
         return _ls_live(args, instance)
     registry, settings = _load()
     namespace, _ = _namespace(args, settings)
+
+    def list_keys(backend: StorageBackend) -> None:
+        for count, key in enumerate(select_keys(backend.iter_keys(), namespace)):
+            if args.limit and count >= args.limit:
+                print(f"{backend.name}\t... (--limit {args.limit})")
+                return
+            print(f"{backend.name}\t{key}")
+
+    _for_each_tier(args, registry, settings, list_keys)
+    return 0
+
+
+def _for_each_tier(args: argparse.Namespace, registry: Registry, settings: Settings,
+                   action: Callable[[StorageBackend], None]) -> None:
+    """``action`` on each selected tier, closed after; a tier that cannot list its keys says so."""
     for backend in _tiers(args, registry, settings):
         try:
-            for count, key in enumerate(select_keys(backend.iter_keys(), namespace)):
-                if args.limit and count >= args.limit:
-                    print(f"{backend.name}\t... (--limit {args.limit})")
-                    break
-                print(f"{backend.name}\t{key}")
+            action(backend)
         except NotImplementedError as error:
             print(f"{backend.name}\t({error})", file=sys.stderr)
         finally:
             backend.close()
-    return 0
 
 
 def cmd_clear(args: argparse.Namespace) -> int:
@@ -220,18 +230,15 @@ def stale(key: ChunkKey, namespaces: Sequence[str], models: Sequence[str]) -> bo
 def cmd_prune(args: argparse.Namespace) -> int:
     registry, settings = _load()
     namespaces, models = args.namespace or [], args.model or []
-    for backend in _tiers(args, registry, settings):
-        try:
-            doomed = [key for key in select_keys(backend.iter_keys(), None) if stale(key, namespaces, models)]
-            if args.yes:
-                removed = backend.delete(doomed)
-                print(f"{backend.name}: removed {removed} stale chunks")
-            else:
-                print(f"{backend.name}: {len(doomed)} stale chunks (repeat with --yes to remove them)")
-        except NotImplementedError as error:
-            print(f"{backend.name}\t({error})", file=sys.stderr)
-        finally:
-            backend.close()
+
+    def prune(backend: StorageBackend) -> None:
+        doomed = [key for key in select_keys(backend.iter_keys(), None) if stale(key, namespaces, models)]
+        if args.yes:
+            print(f"{backend.name}: removed {backend.delete(doomed)} stale chunks")
+        else:
+            print(f"{backend.name}: {len(doomed)} stale chunks (repeat with --yes to remove them)")
+
+    _for_each_tier(args, registry, settings, prune)
     return 0
 
 
