@@ -10,7 +10,8 @@ Exported (prometheus_client adds ``_total`` to counters), each with vLLM's label
 ``engine``) and, where it says, ``tier``:
 
 =====================================  ======  ===========================================================
-``lmcache_core:hit_tokens``            tier    prompt tokens loaded from the tier instead of computed
+``lmcache_core:hit_tokens``            tier    prompt tokens vLLM took from the tier (a load that then fails
+                                               is counted here and in ``failed_load_tokens``)
 ``lmcache_core:failed_load_tokens``            tokens promised by a lookup, not loaded, recomputed
 ``lmcache_core:saved_tokens``                  tokens whose chunks were handed to the tiers
 ``lmcache_core:load_bytes``, ``save_bytes``    KV bytes moved into / out of vLLM's pages (all ranks)
