@@ -23,6 +23,7 @@ from services import MotoServer, RedisServer, free_port
 from lmcache_core.engine import CacheEngine
 from lmcache_core.errors import BackendUnavailableError
 from lmcache_core.keys import KVLayout
+from lmcache_core.testing import waiting
 
 pytestmark = pytest.mark.integration
 
@@ -51,12 +52,8 @@ def timed(call: Callable[[], object]) -> tuple[object, float]:
 
 
 def eventually(condition: Callable[[], bool], within_s: float) -> bool:
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.2)
-    return False
+    """:func:`lmcache_core.testing.waiting.eventually`, asking a remote store every 0.2 s."""
+    return waiting.eventually(condition, within_s, poll_s=0.2)
 
 
 def check_dies_and_comes_back(

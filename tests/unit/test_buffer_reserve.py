@@ -9,21 +9,13 @@ from collections.abc import Callable
 import torch
 
 from lmcache_core.buffer_reserve import MAX_RESERVE_BYTES, BufferReserve
+from lmcache_core.testing.waiting import eventually
 
 
 def gate() -> tuple[threading.Event, Callable[[float], bool]]:
     """A step gate like the tier stack's: set between steps."""
     between = threading.Event()
     return between, between.wait
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 def test_refills_only_between_steps_and_hands_out_ready_buffers() -> None:
@@ -35,11 +27,11 @@ def test_refills_only_between_steps_and_hands_out_ready_buffers() -> None:
         buffer, ready = reserve.take()  # never waits: fresh memory
         assert not ready and buffer.shape == (2, 3, 4) and buffer.dtype == torch.float32
         between.set()
-        assert wait_until(lambda: reserve.ready == 3)
+        assert eventually(lambda: reserve.ready == 3)
         taken = [reserve.take() for _ in range(3)]
         assert all(ready for _, ready in taken)
         assert len({buffer.data_ptr() for buffer, _ in taken}) == 3  # distinct memory each
-        assert wait_until(lambda: reserve.ready == 3)  # and refilled again
+        assert eventually(lambda: reserve.ready == 3)  # and refilled again
     finally:
         reserve.close()
 
@@ -48,7 +40,7 @@ def test_a_buffer_taken_is_the_callers_alone() -> None:
     """The cpu tier adopts save buffers as they are: each must own all of its memory."""
     reserve = BufferReserve((8, 16), torch.bfloat16, target=2, between_steps=lambda timeout: True)
     try:
-        assert wait_until(lambda: reserve.ready == 2)
+        assert eventually(lambda: reserve.ready == 2)
         buffer, ready = reserve.take()
         assert ready and buffer._base is None and buffer.is_contiguous()
         assert buffer.untyped_storage().nbytes() == buffer.nbytes

