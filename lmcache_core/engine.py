@@ -223,8 +223,7 @@ class CacheEngine:
         since a lookup is a miss here, never wrong data.
         """
         chunks, hits = self.stack.read(keys, prefix=prefix)
-        checked = [chunk if chunk is not None and self.valid_chunk(chunk, index, len(keys)) else None
-                   for index, chunk in enumerate(chunks)]
+        checked = self._checked(chunks, len(keys))
         if prefix and None in checked:
             checked = checked[: checked.index(None)]
         return LoadResult(checked, hits)
@@ -233,9 +232,14 @@ class CacheEngine:
         """KV of position-independent segments (:meth:`~lmcache_core.keys.ChunkHasher.segment_key`),
         one entry per key, ``None`` where missing or not ``lengths[i]`` tokens of this scope's layout."""
         chunks, hits = self.stack.read(keys, prefix=False)
-        checked = [chunk if chunk is not None and self.valid_chunk(chunk, index, len(keys), tokens=lengths[index])
-                   else None for index, chunk in enumerate(chunks)]
-        return LoadResult(checked, hits)
+        return LoadResult(self._checked(chunks, len(keys), lengths), hits)
+
+    def _checked(self, chunks: Sequence[torch.Tensor | None], num_keys: int,
+                 lengths: Sequence[int] | None = None) -> list[torch.Tensor | None]:
+        """``chunks`` with those that fail :meth:`valid_chunk` (or are missing) as ``None``."""
+        return [chunk if chunk is not None and self.valid_chunk(
+                    chunk, index, num_keys, tokens=None if lengths is None else lengths[index]) else None
+                for index, chunk in enumerate(chunks)]
 
     def valid_chunk(self, chunk: torch.Tensor, index: int, num_keys: int, tokens: int | None = None) -> bool:
         """Whether ``chunk`` can be chunk ``index`` of ``num_keys`` for this scope: its layout's shape

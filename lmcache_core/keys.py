@@ -265,6 +265,14 @@ def _digest_function(algorithm: str, secret: bytes | None) -> Callable[[bytes], 
     raise ValueError(f"unknown hash algorithm {algorithm!r}; choose one of {', '.join(HASH_ALGORITHMS)}")
 
 
+def _token_bytes(tokens: Sequence[int] | np.ndarray) -> bytes:
+    """Token ids as the digests read them: little-endian uint32, on any host."""
+    packed = np.ascontiguousarray(tokens, dtype=np.uint32)
+    if packed.dtype.byteorder == ">":  # pragma: no cover - big-endian hosts
+        packed = packed.byteswap()
+    return packed.tobytes()
+
+
 class ChunkHasher:
     """Turns token ids into chained chunk keys for one :class:`CacheScope`."""
 
@@ -293,10 +301,7 @@ class ChunkHasher:
         The trailing partial chunk gets a key only with ``include_partial``; its digest
         covers fewer bytes, so it never collides with the full chunk that later extends it.
         """
-        packed = np.ascontiguousarray(tokens, dtype=np.uint32)
-        if packed.dtype.byteorder == ">":  # pragma: no cover - big-endian hosts
-            packed = packed.byteswap()
-        data = memoryview(packed.tobytes())
+        data = memoryview(_token_bytes(tokens))
         step = self.chunk_size * 4
         end = len(data) if include_partial else (len(data) // step) * step
         keys: list[ChunkKey] = []
@@ -311,10 +316,7 @@ class ChunkHasher:
         digest of the scope, a domain tag and the tokens alone, not chained to what precedes them,
         so the same text has the same key wherever it appears. Its readable prefix ends in ``:seg``
         and its digest input is tagged, so it never equals a prefix chunk's key."""
-        packed = np.ascontiguousarray(tokens, dtype=np.uint32)
-        if packed.dtype.byteorder == ">":  # pragma: no cover - big-endian hosts
-            packed = packed.byteswap()
-        return ChunkKey(f"{self._prefix}:seg", self._digest(self._seed + b"segment" + packed.tobytes()))
+        return ChunkKey(f"{self._prefix}:seg", self._digest(self._seed + b"segment" + _token_bytes(tokens)))
 
     def chunk_bounds(self, num_tokens: int, include_partial: bool = False) -> list[tuple[int, int]]:
         """[start, end) token offsets matching :meth:`keys`."""
