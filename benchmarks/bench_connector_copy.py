@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmcache_core.buffer_reserve import BufferReserve
 from lmcache_core.engine import CacheEngine
 from lmcache_core.integrations.vllm.metadata import LMCacheCoreMetadata, Transfer
 from lmcache_core.integrations.vllm.paged import PagedLayout
@@ -58,15 +57,6 @@ def standalone_worker(layers: int, heads: int, head_dim: int, dtype: torch.dtype
     worker._layers = [torch.randn(num_blocks, heads, BLOCK, 2 * head_dim).to(dtype) for _ in range(layers)]
     worker._layout = PagedLayout.CPU
     return worker
-
-
-def with_reserve(worker: Any, tokens: int) -> BufferReserve:
-    """The reserve the worker builds in vLLM: a step's chunks, refilled between steps."""
-    engine = worker._engine
-    shape = engine.scope.layout.chunk_shape(CHUNK)
-    worker._reserve = BufferReserve(shape, worker._layers[0].dtype, target=tokens // CHUNK + 1,
-                                    between_steps=engine.between_steps)
-    return worker._reserve
 
 
 def median_s(function: Any, repeat: int, between: Any = None) -> float:
@@ -109,7 +99,8 @@ def measure(name: str, shape: tuple[int, int, int, torch.dtype], tokens: int, re
     target = torch.empty_like(source)
     copy_s = median_s(lambda: target.copy_(source), repeat)
     load_s, fresh_save_s = median_s(load, repeat), median_s(save, repeat)
-    reserve = with_reserve(worker, tokens)
+    worker._start_reserve(tokens)  # the reserve the worker builds in vLLM: a step's chunks, refilled between steps
+    reserve = worker._reserve
 
     def refilled() -> None:
         while reserve.ready < reserve.target:

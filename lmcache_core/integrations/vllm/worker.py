@@ -157,13 +157,17 @@ class LMCacheCoreWorker:
         self._planner = LoadPlanner(self._chunk_size, chunk_bytes, enabled=self._settings.skip_slow_loads)
         self._layers = list(kv_caches.values())
         self._layout = layout
-        step_tokens = self._vllm_config.scheduler_config.max_num_batched_tokens
-        self._reserve = BufferReserve(kv_layout.chunk_shape(self._chunk_size), dtype,
-                                      target=step_tokens // self._chunk_size + 1,
-                                      between_steps=self._engine.between_steps,
-                                      pin=self._layers[0].is_cuda)
+        self._start_reserve(self._vllm_config.scheduler_config.max_num_batched_tokens)
         if self._settings.use_layerwise:
             self._layerwise = LayerwiseCopies(list(kv_caches), self._layers, layout)
+
+    def _start_reserve(self, step_tokens: int) -> None:
+        """Save buffers for the chunks one step of ``step_tokens`` can complete, faulted in between steps."""
+        assert self._engine is not None
+        layout = self._engine.scope.layout
+        self._reserve = BufferReserve(layout.chunk_shape(self._chunk_size), getattr(torch, layout.dtype),
+                                      target=step_tokens // self._chunk_size + 1,
+                                      between_steps=self._engine.between_steps, pin=self._layers[0].is_cuda)
 
     def _lossy_codec(self, dtype: torch.dtype) -> bool:
         """Whether some tier would store this KV through a lossy codec (fp8), which quantizes
